@@ -1,0 +1,375 @@
+"""The runtime: the root nursery, the registries, and the eviction loop.
+
+Theory of operation
+-------------------
+:meth:`Runtime.open` owns the root nursery. Sessions are tasks in it (each
+with its own nursery for its turns); stateless turns run in it directly.
+Lifetimes nest: leaving ``Runtime.open`` closes every session with reason
+``shutdown`` (its running turn ends ``*.cancelled``, its processes are killed,
+non-persistent workspaces are removed), cancels the stateless turns the same
+way, waits for all of it, and only then cancels the root nursery.
+
+Turns are registered by response id until ``grace_seconds`` after their
+terminal event; one eviction task walks a deadline heap, so ten thousand
+finished turns cost ten thousand heap entries, not ten thousand tasks.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, final
+
+import attrs
+import trio
+
+from ._demo import DemoModel
+from ._errors import InvalidRequest, NotFound, ShuttingDown
+from ._ids import new_id
+from ._model import ChatMessage, ToolSpec
+from ._process import DEFAULT_TIMEOUT
+from ._respond import ResponseRound
+from ._session import DEFAULT_IDLE_TIMEOUT, DEFAULT_TTL, Session
+from ._store import DEFAULT_ACCOUNT, DEFAULT_PRICES, MemoryStore, Pricing
+from ._turn import SESSION_DELETED, SHUTDOWN, Turn, lookup
+from ._workspace import Workspace
+
+if TYPE_CHECKING:
+    import os
+    from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+
+    from ._model import Model
+    from ._store import Store
+    from ._turn import TurnBody
+
+DEFAULT_GRACE: Final = 120.0
+#: How long shutdown waits for turns to unwind before cancelling everything.
+SHUTDOWN_TIMEOUT: Final = 10.0
+_FREE: Final = Pricing(0.0, 0.0)
+_TOKEN: Final = object()
+
+
+@attrs.frozen
+class RuntimeStatistics:
+    """A snapshot of what the runtime holds."""
+
+    #: Live sessions (not yet torn down).
+    sessions: int
+    #: Turns without a terminal event yet.
+    running_turns: int
+    #: Turns whose buffers are still held (running or within their grace).
+    buffered_turns: int
+
+
+@final
+@attrs.define(eq=False, kw_only=True)
+class Runtime:
+    """The agent runtime. Obtain one with :meth:`Runtime.open` only."""
+
+    data_dir: Path
+    model: Model
+    store: Store
+    grace_seconds: float
+    idle_timeout: float
+    shell_timeout: float
+    prices: Mapping[str, Pricing]
+    _token: object = attrs.field(alias="_token", repr=False)
+    _nursery: trio.Nursery = attrs.field(alias="_nursery", repr=False)
+    _closing: bool = attrs.field(default=False, init=False)
+    _sessions: dict[str, Session] = attrs.field(factory=dict, init=False)
+    _turns: dict[str, Turn] = attrs.field(factory=dict, init=False)
+    _running_stateless: set[Turn] = attrs.field(factory=set, init=False)
+    _evictions: list[tuple[float, str]] = attrs.field(factory=list, init=False)
+    _evictions_changed: trio.Event = attrs.field(factory=trio.Event, init=False)
+    #: Test hook awaited (shielded) inside each turn's finalizing step.
+    _for_testing_finalizing: Callable[[Turn], Awaitable[None]] | None = attrs.field(
+        default=None, init=False
+    )
+    #: Test hook called with the pid of every tool process started.
+    _for_testing_on_process: Callable[[int], object] | None = attrs.field(default=None, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self._token is not _TOKEN:
+            raise TypeError("use 'async with Runtime.open(...) as rt', not Runtime(...)")
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        *,
+        data_dir: str | os.PathLike[str],
+        model: Model | None = None,
+        store: Store | None = None,
+        grace_seconds: float = DEFAULT_GRACE,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        shell_timeout: float = DEFAULT_TIMEOUT,
+        prices: Mapping[str, Pricing] | None = None,
+    ) -> AsyncIterator[Runtime]:
+        """Open a runtime rooted at ``data_dir`` and close it on exit.
+
+        Args:
+          data_dir: holds ``workspaces/<session id>/`` (created if missing).
+          model: the model of every turn; default :class:`DemoModel`.
+          store: accounts and ledger; default a fresh :class:`MemoryStore`.
+          grace_seconds: how long a finished turn stays resumable/cancellable.
+          idle_timeout: a non-persistent session is destroyed this long after
+            its last turn ends.
+          shell_timeout: wall-time limit of one ``run_shell`` call.
+          prices: credits per million tokens by model name (default: the demo
+            model's price; unknown models are free).
+
+        Cancellation: leaving the block (normally, by an exception, or by
+        cancellation) cancels every running turn with reason ``shutdown``,
+        kills their processes, removes non-persistent workspaces, and returns
+        once all of that is done (at most ``SHUTDOWN_TIMEOUT`` seconds of
+        waiting, then everything is cancelled hard).
+        """
+        for name, value in (
+            ("grace_seconds", grace_seconds),
+            ("idle_timeout", idle_timeout),
+            ("shell_timeout", shell_timeout),
+        ):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, not {value!r}")
+        root = Path(data_dir)
+        (root / "workspaces").mkdir(parents=True, exist_ok=True)
+        async with trio.open_nursery() as nursery:
+            rt = cls(
+                data_dir=root,
+                model=model if model is not None else DemoModel(),
+                store=store if store is not None else MemoryStore(),
+                grace_seconds=grace_seconds,
+                idle_timeout=idle_timeout,
+                shell_timeout=shell_timeout,
+                prices=dict(DEFAULT_PRICES if prices is None else prices),
+                _token=_TOKEN,
+                _nursery=nursery,
+            )
+            nursery.start_soon(rt._evict_loop)
+            try:
+                yield rt
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_TIMEOUT):
+                    await rt._shutdown()
+                nursery.cancel_scope.cancel(reason="runtime closed")
+
+    def __repr__(self) -> str:
+        s = self.statistics()
+        return (
+            f"<Runtime {str(self.data_dir)!r} sessions={s.sessions} "
+            f"running={s.running_turns} buffered={s.buffered_turns}>"
+        )
+
+    # -- sessions ---------------------------------------------------------
+
+    async def create_session(
+        self,
+        *,
+        persistent: bool = False,
+        ttl: float = DEFAULT_TTL,
+        metadata: Mapping[str, Any] | None = None,
+        model: str | None = None,
+        account_id: str = DEFAULT_ACCOUNT,
+    ) -> Session:
+        """Create a session (a task in the root nursery) and return it, started.
+
+        Raises:
+          InvalidRequest: bad ``ttl``, ``metadata`` or ``model``.
+          NotFound: unknown ``account_id``.
+          ShuttingDown: the runtime is closing.
+        """
+        if self._closing:
+            raise ShuttingDown("the runtime is shutting down; no new sessions are accepted")
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < math.inf:
+            raise InvalidRequest(f"ttl must be a positive number of seconds, not {ttl!r}")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise InvalidRequest(f"metadata must be an object, not {metadata!r}")
+        if model is not None and model != self.model.name:
+            raise InvalidRequest(
+                f"unknown model {model!r}; this runtime serves {self.model.name!r}"
+            )
+        await self.store.get_account(account_id)
+        sid = new_id("sess")
+        session = Session(
+            id=sid,
+            account_id=account_id,
+            persistent=bool(persistent),
+            ttl=float(ttl),
+            metadata=dict(metadata or {}),
+            model=self.model.name,
+            workspace=Workspace(str(self.data_dir / "workspaces" / sid)),
+            _runtime=self,
+            _idle_timeout=self.idle_timeout,
+        )
+        self._sessions[sid] = session
+        await self._nursery.start(session._run)
+        return session
+
+    def get_session(self, session_id: str) -> Session:
+        """Return the live session. Raises :class:`NotFound`."""
+        try:
+            return self._sessions[session_id]
+        except KeyError:
+            raise NotFound(f"session {session_id!r} is unknown or was deleted") from None
+
+    def sessions(self) -> list[Session]:
+        """Every live session, oldest first."""
+        return list(self._sessions.values())
+
+    async def delete_session(self, session_id: str) -> None:
+        """Destroy a session and return once it is gone.
+
+        Its running turn ends ``message.cancelled`` with reason
+        ``session_deleted`` (unbilled), its processes are killed and its
+        workspace directory is removed, all before this returns.
+
+        Raises:
+          NotFound: unknown or already deleted.
+
+        Cancellation: the teardown, once begun, completes in the session's own
+        task even if this call is cancelled.
+        """
+        session = self.get_session(session_id)
+        if session._closing is not None and session._closing != SESSION_DELETED:
+            raise NotFound(f"session {session_id!r} is already closing ({session._closing})")
+        session._close(SESSION_DELETED)
+        await session.wait_closed()
+
+    def _forget_session(self, session: Session) -> None:
+        if self._sessions.get(session.id) is session:
+            del self._sessions[session.id]
+
+    # -- turns ------------------------------------------------------------
+
+    def get_turn(self, response_id: str) -> Turn:
+        """Return the turn (running or within its grace). Raises :class:`NotFound`."""
+        return lookup(self._turns, response_id)
+
+    async def respond(
+        self,
+        input: str | Sequence[ChatMessage],
+        *,
+        tools: Sequence[ToolSpec] = (),
+        instructions: str | None = None,
+        max_output_tokens: int | None = None,
+        account_id: str = DEFAULT_ACCOUNT,
+    ) -> Turn:
+        """Start a stateless turn: one model round trip, no session, no agent loop.
+
+        Client-defined ``tools`` are offered to the model; its calls come back
+        as ``function_call`` output items (``response.*`` events), not run.
+
+        Raises:
+          InvalidRequest: empty ``input`` or malformed arguments.
+          OutOfCredits: the account may not start turns.
+          ShuttingDown: the runtime is closing.
+        """
+        if isinstance(input, str):
+            if not input.strip():
+                raise InvalidRequest("input must not be empty")
+            messages: tuple[ChatMessage, ...] = (ChatMessage(role="user", content=input),)
+            text = input
+        else:
+            messages = tuple(input)
+            if not messages or not all(isinstance(m, ChatMessage) for m in messages):
+                raise InvalidRequest("input must be a string or a non-empty list of ChatMessage")
+            text = "\n".join(m.content for m in messages if m.role == "user")
+        if instructions:
+            messages = (ChatMessage(role="system", content=instructions), *messages)
+        if max_output_tokens is not None and max_output_tokens < 1:
+            raise InvalidRequest(f"max_output_tokens must be >= 1, not {max_output_tokens!r}")
+        if self._closing:
+            raise ShuttingDown("the runtime is shutting down; no new turns are accepted")
+        await self.store.check_can_start(account_id)
+        if self._closing:
+            raise ShuttingDown("the runtime is shutting down; no new turns are accepted")
+        turn = self._new_turn(
+            prefix="resp",
+            account_id=account_id,
+            session_id=None,
+            text=text,
+            body=ResponseRound(
+                model=self.model,
+                messages=messages,
+                tools=tuple(tools),
+                max_output_tokens=max_output_tokens,
+            ),
+            on_finished=self._running_stateless.discard,
+        )
+        self._running_stateless.add(turn)
+        self._register(turn)
+        await self._nursery.start(turn._run)
+        return turn
+
+    def _new_turn(
+        self,
+        *,
+        prefix: str,
+        account_id: str,
+        session_id: str | None,
+        text: str,
+        body: TurnBody,
+        on_finished: Callable[[Turn], object],
+    ) -> Turn:
+        def finished(turn: Turn) -> None:
+            on_finished(turn)
+            self._schedule_eviction(turn)
+
+        turn = Turn(
+            id=new_id(prefix),
+            account_id=account_id,
+            session_id=session_id,
+            model=self.model.name,
+            input=text,
+            _body=body,
+            _store=self.store,
+            _pricing=self.prices.get(self.model.name, _FREE),
+            _on_finished=finished,
+            _hook_finalizing=self._for_testing_finalizing,
+        )
+        body.begin(turn)
+        return turn
+
+    def _register(self, turn: Turn) -> None:
+        self._turns[turn.id] = turn
+
+    def _schedule_eviction(self, turn: Turn) -> None:
+        heapq.heappush(self._evictions, (trio.current_time() + self.grace_seconds, turn.id))
+        self._evictions_changed.set()
+
+    async def _evict_loop(self) -> None:
+        while True:
+            self._evictions_changed = trio.Event()
+            deadline = self._evictions[0][0] if self._evictions else math.inf
+            with trio.move_on_at(deadline):
+                await self._evictions_changed.wait()
+                continue
+            now = trio.current_time()
+            while self._evictions and self._evictions[0][0] <= now:
+                _, rid = heapq.heappop(self._evictions)
+                self._turns.pop(rid, None)
+
+    # -- lifetime ---------------------------------------------------------
+
+    def statistics(self) -> RuntimeStatistics:
+        """Counts of sessions, running turns and buffered turns."""
+        running = sum(1 for t in self._turns.values() if t.state.is_running)
+        return RuntimeStatistics(
+            sessions=len(self._sessions),
+            running_turns=running,
+            buffered_turns=len(self._turns),
+        )
+
+    async def _shutdown(self) -> None:
+        self._closing = True
+        for turn in list(self._running_stateless):
+            turn._cancel(SHUTDOWN)
+        sessions = list(self._sessions.values())
+        for session in sessions:
+            session._close(SHUTDOWN)
+        for session in sessions:
+            await session.wait_closed()
+        for turn in list(self._running_stateless):
+            await turn.wait_finished()

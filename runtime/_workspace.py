@@ -1,0 +1,172 @@
+"""A session's workspace directory and path resolution that cannot escape it.
+
+Paths come from models and clients, so they are hostile. Resolution never
+builds a string and hands it to ``open``: it splits the path into components,
+refuses ``..``, NUL bytes and absolute paths (other than the sandbox prefix
+the agent is told about), then walks the components one ``openat`` at a time
+from a descriptor of the workspace root with ``O_NOFOLLOW``, so a symbolic link
+anywhere on the way (including one swapped in by a tool meanwhile) is refused,
+never followed. Non-regular files (FIFOs, devices) are refused before they can
+block a read.
+
+All functions here are blocking and run in worker threads
+(``trio.to_thread.run_sync``); they never touch the event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from typing import TYPE_CHECKING, Final, final
+
+import attrs
+
+from ._errors import InvalidRequest, NotFound, PathOutsideWorkspace
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+#: The workspace path the agent is told about; file tools map it to the real one.
+SANDBOX_ROOT: Final = "/opt/sandbox/workspace"
+
+_DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def split_path(path: str) -> tuple[str, ...]:
+    """Split ``path`` into components inside the workspace.
+
+    ``""``, ``"."`` and :data:`SANDBOX_ROOT` name the workspace itself.
+
+    Raises:
+      PathOutsideWorkspace: for NUL bytes, ``..`` components and absolute
+        paths outside :data:`SANDBOX_ROOT`.
+    """
+    if "\0" in path:
+        raise PathOutsideWorkspace(f"path {path!r} contains a NUL byte")
+    if path == SANDBOX_ROOT or path.startswith(SANDBOX_ROOT + "/"):
+        path = path[len(SANDBOX_ROOT) :]
+    elif path.startswith("/"):
+        raise PathOutsideWorkspace(f"path {path!r} is absolute and outside the workspace")
+    parts = tuple(part for part in path.split("/") if part not in ("", "."))
+    if ".." in parts:
+        raise PathOutsideWorkspace(f"path {path!r} contains '..'")
+    return parts
+
+
+@attrs.frozen
+class FileInfo:
+    """One entry of a directory listing."""
+
+    name: str
+    type: str  # "file" | "directory" | "other"
+    size: int
+    modified: float
+
+
+def _refuse(path: str, exc: OSError) -> Exception:
+    if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+        return PathOutsideWorkspace(f"path {path!r} goes through a symbolic link or non-directory")
+    if exc.errno == errno.ENOENT:
+        return NotFound(f"no such file or directory in the workspace: {path!r}")
+    if exc.errno == errno.EISDIR:
+        return InvalidRequest(f"{path!r} is a directory")
+    return exc
+
+
+@final
+@attrs.define(eq=False)
+class Workspace:
+    """The directory a session owns; every path is resolved beneath it."""
+
+    root: str
+
+    @contextlib.contextmanager
+    def _open_dir(self, parts: tuple[str, ...], *, create: bool = False) -> Iterator[int]:
+        """Yield a descriptor of the directory ``parts`` (walked, never followed)."""
+        fd = os.open(self.root, _DIR_FLAGS)
+        try:
+            for part in parts:
+                if create:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(part, 0o755, dir_fd=fd)
+                next_fd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = next_fd
+            yield fd
+        finally:
+            os.close(fd)
+
+    def list(self, path: str = "") -> list[FileInfo]:
+        """List one level of the directory ``path``, sorted by name."""
+        parts = split_path(path)
+        try:
+            with self._open_dir(parts) as fd:
+                infos = []
+                for name in sorted(os.listdir(fd)):
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                    kind = (
+                        "directory"
+                        if stat.S_ISDIR(st.st_mode)
+                        else "file"
+                        if stat.S_ISREG(st.st_mode)
+                        else "other"
+                    )
+                    infos.append(FileInfo(name, kind, st.st_size, st.st_mtime))
+                return infos
+        except OSError as exc:
+            raise _refuse(path, exc) from None
+
+    def read(self, path: str, *, limit: int | None = None) -> bytes:
+        """Return the bytes of the regular file ``path`` (at most ``limit``)."""
+        parts = split_path(path)
+        if not parts:
+            raise InvalidRequest(f"{path!r} is a directory")
+        try:
+            with self._open_dir(parts[:-1]) as dir_fd:
+                # O_NONBLOCK: opening a FIFO must not wait for a writer.
+                flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+                fd = os.open(parts[-1], flags, dir_fd=dir_fd)
+            with os.fdopen(fd, "rb") as f:
+                mode = os.fstat(f.fileno()).st_mode
+                if stat.S_ISDIR(mode):
+                    raise InvalidRequest(f"{path!r} is a directory")
+                if not stat.S_ISREG(mode):
+                    raise PathOutsideWorkspace(f"{path!r} is not a regular file")
+                return f.read() if limit is None else f.read(limit)
+        except OSError as exc:
+            raise _refuse(path, exc) from None
+
+    def write(self, path: str, data: bytes) -> FileInfo:
+        """Create or replace the regular file ``path``, creating its parents."""
+        parts = split_path(path)
+        if not parts:
+            raise InvalidRequest("cannot write to the workspace directory itself")
+        try:
+            with self._open_dir(parts[:-1], create=True) as dir_fd:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+                fd = os.open(parts[-1], flags | os.O_NONBLOCK, 0o644, dir_fd=dir_fd)
+                with os.fdopen(fd, "wb") as f:
+                    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                        raise PathOutsideWorkspace(f"{path!r} is not a regular file")
+                    f.write(data)
+                st = os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False)
+                return FileInfo(parts[-1], "file", st.st_size, st.st_mtime)
+        except OSError as exc:
+            raise _refuse(path, exc) from None
+
+    def delete(self, path: str) -> None:
+        """Remove the file (or empty directory) ``path``."""
+        parts = split_path(path)
+        if not parts:
+            raise InvalidRequest("cannot delete the workspace directory itself")
+        try:
+            with self._open_dir(parts[:-1]) as dir_fd:
+                st = os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    os.rmdir(parts[-1], dir_fd=dir_fd)
+                else:
+                    os.unlink(parts[-1], dir_fd=dir_fd)
+        except OSError as exc:
+            raise _refuse(path, exc) from None
