@@ -18,6 +18,7 @@ loop allows, still one checkpoint per word). Usage is words in, words out.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from typing import TYPE_CHECKING, Final, final
@@ -35,7 +36,7 @@ from ._model import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator
+    from collections.abc import AsyncGenerator, Iterator
 
 INTRO: Final = "This is the agent-runtime demo model, not an LLM."
 _FILLER_TEXT: Final = (
@@ -53,16 +54,26 @@ _CALL_RE: Final = re.compile(r"^\s*call\s+([A-Za-z0-9_.-]+)\s*:\s*(.+?)\s*$")
 MAX_WORDS: Final = 1_000_000
 
 
-def essay_words(topic: str, count: int) -> list[str]:
-    """The deterministic ``count`` words of a demo essay on ``topic``."""
+def iter_essay_words(topic: str, count: int) -> Iterator[str]:
+    """The deterministic ``count`` words of a demo essay on ``topic``, lazily.
+
+    Lazy on purpose: a 100,000-word turn must not hold (and, when cancelled,
+    free in one go) a 100,000-element list.
+    """
     subject = topic.split() or ["anything"]
     head = [*INTRO.split(), "Topic:", *subject[:-1], subject[-1] + "."]
-    words = head[:count]
-    i = 0
-    while len(words) < count:
-        words.append(_FILLER[i % len(_FILLER)])
-        i += 1
-    return words
+    yield from head[:count]
+    for i in range(count - len(head)):
+        yield _FILLER[i % len(_FILLER)]
+
+
+def essay_words(topic: str, count: int) -> list[str]:
+    """The deterministic ``count`` words of a demo essay on ``topic``."""
+    return list(iter_essay_words(topic, count))
+
+
+def _counted(words: list[str]) -> tuple[int, Iterator[str]]:
+    return len(words), iter(words)
 
 
 def _word_count(text: str) -> int:
@@ -83,7 +94,7 @@ class DemoModel:
 
     def __attrs_post_init__(self) -> None:
         tps = self.tokens_per_second
-        if tps is not None and tps < 0:
+        if tps is not None and not tps >= 0:  # also refuses NaN
             raise ValueError(f"tokens_per_second must be >= 0, not {tps!r}")
 
     async def stream(self, request: ModelRequest) -> AsyncGenerator[ModelChunk, None]:
@@ -92,24 +103,26 @@ class DemoModel:
         tool_names = {tool.name for tool in request.tools}
         input_words = sum(_word_count(m.content) for m in messages)
         last = messages[-1] if messages else None
-        words: list[str]
         calls: list[tuple[str, str]] = []
         if last is not None and last.role == "tool":
-            words = self._report(request)
+            count, words = _counted(self._report(request))
         else:
             text = last.content if last is not None else ""
             calls = self._tool_calls(text, tool_names)
-            words = f"Calling {len(calls)} tool(s).".split() if calls else self._answer(text)
+            if calls:
+                count, words = _counted(f"Calling {len(calls)} tool(s).".split())
+            else:
+                count, words = self._answer(text)
         if request.max_output_tokens is not None:
-            words = words[: request.max_output_tokens]
+            count = min(count, request.max_output_tokens)
 
         delay = 1.0 / self.tokens_per_second if self.tokens_per_second else 0.0
-        for i, word in enumerate(words):
+        for i, word in enumerate(itertools.islice(words, count)):
             if delay:
                 await trio.sleep(delay)
             else:
                 await trio.lowlevel.checkpoint()
-            yield TextChunk(word if i == len(words) - 1 else word + " ")
+            yield TextChunk(word if i == count - 1 else word + " ")
         done = sum(1 for m in messages if m.role == "tool")
         for n, (name, arguments) in enumerate(calls):
             call_id = f"call_{done + n}"
@@ -119,20 +132,24 @@ class DemoModel:
             for k in range(0, len(arguments), step):
                 await trio.lowlevel.checkpoint()
                 yield ToolCallDelta(call_id, arguments[k : k + step])
-        yield UsageChunk(input_tokens=input_words, output_tokens=len(words) + len(calls))
+        yield UsageChunk(input_tokens=input_words, output_tokens=count + len(calls))
 
-    def _answer(self, text: str) -> list[str]:
+    def _answer(self, text: str) -> tuple[int, Iterator[str]]:
         match = _WORDS_RE.search(text)
         if match is not None:
             count = min(int(match.group(1).replace(",", "").replace("_", "")), MAX_WORDS)
             topic = text[match.end() :].strip(" .?!")
-            topic = re.sub(r"^(essay|text|story|article)?\s*(on|about)?\s*", "", topic)
-            return essay_words(topic, count)
+            topic = re.sub(
+                r"^(?:(?:essay|text|story|article)\b)?\s*(?:(?:on|about)\b)?\s*", "", topic
+            )
+            return count, iter_essay_words(topic, count)
         said = " ".join(text.split()[:40])
-        return (
-            f"{INTRO} You said: {said!r}. Ask for 'a 300-word essay' to get a long "
-            f"stream, or send lines 'run: CMD' or 'write FILE: TEXT' to call tools."
-        ).split()
+        return _counted(
+            (
+                f"{INTRO} You said: {said!r}. Ask for 'a 300-word essay' to get a long "
+                f"stream, or send lines 'run: CMD' or 'write FILE: TEXT' to call tools."
+            ).split()
+        )
 
     @staticmethod
     def _tool_calls(text: str, tool_names: set[str]) -> list[tuple[str, str]]:

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 #: How long the shell gets to exit on SIGTERM before the group is SIGKILLed.
 KILL_GRACE: Final = 0.05
+#: How long the sweep waits for SIGKILLed members to die before giving up.
+SWEEP_TIMEOUT: Final = 1.0
 DEFAULT_TIMEOUT: Final = 120.0
 DEFAULT_MAX_OUTPUT: Final = 64 * 1024
 
@@ -56,8 +58,34 @@ def _killpg(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
+def live_group_members(pgid: int) -> list[int]:
+    """Pids of the processes of group ``pgid`` that are not yet dead (zombies
+    count as dead: they run nothing and only wait for their reaper)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return []
+    except PermissionError:
+        pass
+    members = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp ...; comm may contain spaces and parens.
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            members.append(int(name))
+    return members
+
+
 async def _sweep(proc: trio.Process) -> None:
-    """Kill ``proc``'s whole group and reap the leader (shield this)."""
+    """Kill ``proc``'s whole group, reap the leader, and wait until every
+    member is dead (shield this)."""
     if proc.returncode is None:
         _killpg(proc.pid, signal.SIGTERM)
         with trio.move_on_after(KILL_GRACE):
@@ -65,6 +93,13 @@ async def _sweep(proc: trio.Process) -> None:
     # Unconditionally: the leader may be gone while its children live on.
     _killpg(proc.pid, signal.SIGKILL)
     await proc.wait()
+    # SIGKILL is delivered asynchronously: a member on another CPU may still
+    # be running for a moment. Wait until the kernel has finished them, so
+    # "the turn ended" implies "its processes are gone".
+    with trio.move_on_after(SWEEP_TIMEOUT):
+        # Polling is the only way: a non-child's death sends us nothing.
+        while await trio.to_thread.run_sync(live_group_members, proc.pid):  # noqa: ASYNC110
+            await trio.sleep(0.001)
 
 
 async def run_shell(

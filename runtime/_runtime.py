@@ -82,7 +82,8 @@ class Runtime:
     _turns: dict[str, Turn] = attrs.field(factory=dict, init=False)
     _running_stateless: set[Turn] = attrs.field(factory=set, init=False)
     _evictions: list[tuple[float, str]] = attrs.field(factory=list, init=False)
-    _evictions_changed: trio.Event = attrs.field(factory=trio.Event, init=False)
+    #: The eviction loop's sleep; its deadline is the heap's earliest entry.
+    _evict_timer: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
     #: Test hook awaited (shielded) inside each turn's finalizing step.
     _for_testing_finalizing: Callable[[Turn], Awaitable[None]] | None = attrs.field(
         default=None, init=False
@@ -336,16 +337,19 @@ class Runtime:
         self._turns[turn.id] = turn
 
     def _schedule_eviction(self, turn: Turn) -> None:
-        heapq.heappush(self._evictions, (trio.current_time() + self.grace_seconds, turn.id))
-        self._evictions_changed.set()
+        deadline = trio.current_time() + self.grace_seconds
+        heapq.heappush(self._evictions, (deadline, turn.id))
+        # Move the loop's deadline rather than waking it: no extra task runs
+        # on the path from a terminal event to its readers.
+        if deadline < self._evict_timer.deadline:
+            self._evict_timer.deadline = deadline
 
     async def _evict_loop(self) -> None:
         while True:
-            self._evictions_changed = trio.Event()
             deadline = self._evictions[0][0] if self._evictions else math.inf
-            with trio.move_on_at(deadline):
-                await self._evictions_changed.wait()
-                continue
+            self._evict_timer = trio.CancelScope(deadline=deadline)
+            with self._evict_timer:
+                await trio.sleep_forever()
             now = trio.current_time()
             while self._evictions and self._evictions[0][0] <= now:
                 _, rid = heapq.heappop(self._evictions)

@@ -68,6 +68,8 @@ class Session:
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
     _closing: str | None = attrs.field(default=None, init=False)
     _wake: trio.Event = attrs.field(factory=trio.Event, init=False)
+    #: The session task's sleep; its deadline is :meth:`_deadline`.
+    _timer: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
     _done: trio.Event = attrs.field(factory=trio.Event, init=False)
     #: trio-clock time of the last change that restarts the idle timer.
     _idle_since: float = attrs.field(init=False)
@@ -177,7 +179,12 @@ class Session:
             self._active = None
         self.last_activity = time.time()
         self._idle_since = trio.current_time()
-        self._wake.set()
+        # Re-arm the idle timer in place rather than waking the session task,
+        # so no extra task runs between a terminal event and its readers. A
+        # timer that is already earlier just fires and the loop re-computes.
+        deadline = self._deadline()
+        if deadline < self._timer.deadline:
+            self._timer.deadline = deadline
 
     # -- lifetime ---------------------------------------------------------
 
@@ -209,9 +216,11 @@ class Session:
                 task_status.started()
                 while self._closing is None:
                     self._wake = trio.Event()
-                    with trio.move_on_at(self._deadline()):
+                    self._timer = trio.CancelScope(deadline=self._deadline())
+                    with self._timer:
                         await self._wake.wait()
                         continue
+                    # The deadline passed; it may have moved (a turn started).
                     if trio.current_time() >= self._deadline():
                         self._close(SESSION_EXPIRED)
                 # Leaving the nursery waits for the cancelled turn to unwind.

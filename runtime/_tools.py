@@ -93,7 +93,7 @@ class ToolBox:
         """
         try:
             args = json.loads(arguments) if arguments.strip() else {}
-        except json.JSONDecodeError as exc:
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
             await trio.lowlevel.checkpoint()
             return ToolOutcome(f"arguments are not valid JSON: {exc}", is_error=True)
         if not isinstance(args, dict):
@@ -110,16 +110,20 @@ class ToolBox:
             if name == "read_file":
                 path = _str_arg(args, "path")
                 data = await trio.to_thread.run_sync(
-                    lambda: self.workspace.read(path, limit=READ_LIMIT)
+                    lambda: self.workspace.read(path, limit=READ_LIMIT + 1)
                 )
-                return ToolOutcome(data.decode("utf-8", errors="replace"))
+                text = data[:READ_LIMIT].decode("utf-8", errors="replace")
+                if len(data) > READ_LIMIT:
+                    text += f"\n[file truncated to its first {READ_LIMIT} bytes]"
+                return ToolOutcome(text)
             if name == "write_file":
                 path, content = _str_arg(args, "path"), _str_arg(args, "content")
                 info = await trio.to_thread.run_sync(
                     self.workspace.write, path, content.encode("utf-8")
                 )
                 return ToolOutcome(f"wrote {info.size} bytes to {path}")
-        except (AgentRuntimeError, OSError) as exc:
+        except (AgentRuntimeError, OSError, ValueError) as exc:
+            # ValueError: NUL in a command, text UTF-8 cannot encode.
             return ToolOutcome(f"{name} failed: {exc}", is_error=True)
         await trio.lowlevel.checkpoint()
         return ToolOutcome(f"unknown tool {name!r}", is_error=True)

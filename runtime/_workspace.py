@@ -45,6 +45,10 @@ def split_path(path: str) -> tuple[str, ...]:
     """
     if "\0" in path:
         raise PathOutsideWorkspace(f"path {path!r} contains a NUL byte")
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError:
+        raise InvalidRequest(f"path {path!r} cannot be encoded as a file name") from None
     if path == SANDBOX_ROOT or path.startswith(SANDBOX_ROOT + "/"):
         path = path[len(SANDBOX_ROOT) :]
     elif path.startswith("/"):
@@ -67,11 +71,15 @@ class FileInfo:
 
 def _refuse(path: str, exc: OSError) -> Exception:
     if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
-        return PathOutsideWorkspace(f"path {path!r} goes through a symbolic link or non-directory")
+        return PathOutsideWorkspace(f"path {path!r} goes through a symbolic link or a file")
     if exc.errno == errno.ENOENT:
         return NotFound(f"no such file or directory in the workspace: {path!r}")
     if exc.errno == errno.EISDIR:
         return InvalidRequest(f"{path!r} is a directory")
+    if exc.errno == errno.ENOTEMPTY:
+        return InvalidRequest(f"directory {path!r} is not empty")
+    if exc.errno in (errno.ENXIO, errno.ENODEV):
+        return PathOutsideWorkspace(f"{path!r} is not a regular file")
     return exc
 
 
