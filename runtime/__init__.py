@@ -12,6 +12,7 @@ The embeddable core, no HTTP::
 from ._demo import DemoModel as DemoModel
 from ._errors import (
     AgentRuntimeError as AgentRuntimeError,
+    IdempotencyConflict as IdempotencyConflict,
     InvalidRequest as InvalidRequest,
     InvalidTransition as InvalidTransition,
     NotFound as NotFound,
@@ -20,6 +21,7 @@ from ._errors import (
     SessionBusy as SessionBusy,
     SessionClosed as SessionClosed,
     ShuttingDown as ShuttingDown,
+    Unauthorized as Unauthorized,
 )
 from ._events import (
     EVENT_TYPES as EVENT_TYPES,
@@ -57,6 +59,11 @@ from ._events import (
     ToolUseStop as ToolUseStop,
     Usage as Usage,
 )
+from ._idempotency import (
+    IdempotencyKeys as IdempotencyKeys,
+    Replayed as Replayed,
+    fingerprint as fingerprint,
+)
 from ._model import (
     ChatMessage as ChatMessage,
     Model as Model,
@@ -84,6 +91,11 @@ from ._store import (
 )
 from ._tools import BUILTIN_TOOLS as BUILTIN_TOOLS
 from ._turn import ToolCallRecord as ToolCallRecord, Turn as Turn
+from ._usage import (
+    UsageReport as UsageReport,
+    UsageWindow as UsageWindow,
+    usage_report as usage_report,
+)
 from ._workspace import SANDBOX_ROOT as SANDBOX_ROOT, FileInfo as FileInfo, Workspace as Workspace
 
 __all__ = [
@@ -100,6 +112,8 @@ __all__ = [
     "Event",
     "FileInfo",
     "FunctionCall",
+    "IdempotencyConflict",
+    "IdempotencyKeys",
     "InvalidRequest",
     "InvalidTransition",
     "MemoryStore",
@@ -116,6 +130,7 @@ __all__ = [
     "PathOutsideWorkspace",
     "Pricing",
     "ReasoningChunk",
+    "Replayed",
     "ResponseCancelled",
     "ResponseCompleted",
     "ResponseContentPartAdded",
@@ -156,8 +171,14 @@ __all__ = [
     "ToolUseStop",
     "Turn",
     "TurnState",
+    "Unauthorized",
     "Usage",
     "UsageChunk",
     "UsageRecord",
+    "UsageReport",
+    "UsageWindow",
     "Workspace",
+    "fingerprint",
+    "rt",
+    "usage_report",
 ]

@@ -113,6 +113,24 @@ class EventBuffer:
             raise InvalidRequest(f"after must be >= -1, not {after!r}")
         return _Reader(self, start)
 
+    async def read_batch(self, after: int | None = None) -> tuple[Event, ...]:
+        """Every event after ``after`` that is appended already, waiting until
+        there is at least one; ``()`` once the buffer is closed and read to the end.
+
+        For writers that coalesce (one socket write for many events).
+
+        Raises:
+          InvalidRequest: if ``after`` is below -1.
+        """
+        start = 0 if after is None else after + 1
+        if start < 0:
+            raise InvalidRequest(f"after must be >= -1, not {after!r}")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while start >= len(self._events) and not self.closed:
+            await self._lot.park()
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return tuple(self._events[start:])
+
     async def wait_closed(self) -> Event:
         """Wait for the terminal event and return it."""
         while (terminal := self.terminal) is None:

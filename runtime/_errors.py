@@ -99,6 +99,23 @@ class PathOutsideWorkspace(AgentRuntimeError):
     status_hint = 403
 
 
+class IdempotencyConflict(AgentRuntimeError):
+    """Raised when an idempotency key is reused with another session or body.
+
+    A key names one request for 24 hours; a new request needs a new key.
+    """
+
+    error_type = "idempotency_conflict"
+    status_hint = 422
+
+
+class Unauthorized(AgentRuntimeError):
+    """Raised when an API key is missing or unknown."""
+
+    error_type = "unauthorized"
+    status_hint = 401
+
+
 class ShuttingDown(AgentRuntimeError):
     """Raised when a new session or turn is requested while the runtime closes."""
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, final
@@ -27,6 +28,7 @@ import trio
 
 from ._demo import DemoModel
 from ._errors import InvalidRequest, NotFound, ShuttingDown
+from ._idempotency import IdempotencyKeys
 from ._ids import new_id
 from ._model import ChatMessage, ToolSpec
 from ._process import DEFAULT_TIMEOUT
@@ -82,6 +84,8 @@ class Runtime:
     _turns: dict[str, Turn] = attrs.field(factory=dict, init=False)
     _running_stateless: set[Turn] = attrs.field(factory=set, init=False)
     _evictions: list[tuple[float, str]] = attrs.field(factory=list, init=False)
+    #: Idempotency-key bindings, per account (used by the HTTP layer).
+    idempotency: IdempotencyKeys = attrs.field(factory=IdempotencyKeys, init=False)
     #: The eviction loop's sleep; its deadline is the heap's earliest entry.
     _evict_timer: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
     #: Test hook awaited (shielded) inside each turn's finalizing step.
@@ -208,18 +212,48 @@ class Runtime:
         await self._nursery.start(session._run)
         return session
 
-    def get_session(self, session_id: str) -> Session:
-        """Return the live session. Raises :class:`NotFound`."""
-        try:
-            return self._sessions[session_id]
-        except KeyError:
-            raise NotFound(f"session {session_id!r} is unknown or was deleted") from None
+    def get_session(self, session_id: str, *, account_id: str | None = None) -> Session:
+        """Return the live session.
 
-    def sessions(self) -> list[Session]:
-        """Every live session, oldest first."""
-        return list(self._sessions.values())
+        Raises:
+          NotFound: unknown, deleted, or (with ``account_id``) another
+            account's: the same answer, so existence never leaks.
+        """
+        session = self._sessions.get(session_id)
+        if session is None or (account_id is not None and session.account_id != account_id):
+            raise NotFound(f"session {session_id!r} is unknown or was deleted")
+        return session
 
-    async def delete_session(self, session_id: str) -> None:
+    def sessions(self, *, account_id: str | None = None) -> list[Session]:
+        """Every live session (of ``account_id``, if given), oldest first."""
+        return [
+            s for s in self._sessions.values() if account_id is None or s.account_id == account_id
+        ]
+
+    async def delete_sessions(
+        self, *, account_id: str, idle_only: bool = False, older_than: float = 0.0
+    ) -> int:
+        """Delete the account's sessions created more than ``older_than`` seconds
+        ago (only those with no running turn if ``idle_only``); return how many.
+
+        Cancellation: as :meth:`delete_session`, for each.
+        """
+        now = time.time()
+        doomed = [
+            s
+            for s in self.sessions(account_id=account_id)
+            if s.status == "ready"
+            and now - s.created_at >= older_than
+            and not (idle_only and s.busy)
+        ]
+        for session in doomed:
+            session._close(SESSION_DELETED)
+        for session in doomed:
+            await session.wait_closed()
+        await trio.lowlevel.checkpoint()
+        return len(doomed)
+
+    async def delete_session(self, session_id: str, *, account_id: str | None = None) -> None:
         """Destroy a session and return once it is gone.
 
         Its running turn ends ``message.cancelled`` with reason
@@ -232,7 +266,7 @@ class Runtime:
         Cancellation: the teardown, once begun, completes in the session's own
         task even if this call is cancelled.
         """
-        session = self.get_session(session_id)
+        session = self.get_session(session_id, account_id=account_id)
         if session._closing is not None and session._closing != SESSION_DELETED:
             raise NotFound(f"session {session_id!r} is already closing ({session._closing})")
         session._close(SESSION_DELETED)
@@ -244,9 +278,20 @@ class Runtime:
 
     # -- turns ------------------------------------------------------------
 
-    def get_turn(self, response_id: str) -> Turn:
-        """Return the turn (running or within its grace). Raises :class:`NotFound`."""
-        return lookup(self._turns, response_id)
+    def get_turn(self, response_id: str, *, account_id: str | None = None) -> Turn:
+        """Return the turn (running or within its grace).
+
+        Raises:
+          NotFound: unknown, evicted, or (with ``account_id``) another account's.
+        """
+        turn = lookup(self._turns, response_id)
+        if account_id is not None and turn.account_id != account_id:
+            raise NotFound(f"response {response_id!r} is unknown, or was evicted")
+        return turn
+
+    def find_turn(self, response_id: str) -> Turn | None:
+        """The turn if it is still buffered, else None."""
+        return self._turns.get(response_id)
 
     async def respond(
         self,
@@ -365,6 +410,20 @@ class Runtime:
             running_turns=running,
             buffered_turns=len(self._turns),
         )
+
+    @property
+    def closing(self) -> bool:
+        """True once shutdown has begun: new sessions and turns are refused."""
+        return self._closing
+
+    async def shutdown(self) -> None:
+        """Refuse new work, cancel every running turn (reason ``shutdown``),
+        tear down every session, and return when all of that is done.
+
+        Leaving :meth:`open` does this too; call it first to drain (e.g. on
+        SIGTERM, before the HTTP server stops). Idempotent.
+        """
+        await self._shutdown()
 
     async def _shutdown(self) -> None:
         self._closing = True

@@ -12,15 +12,36 @@ same interface is the server's default (a later piece of work).
 from __future__ import annotations
 
 import enum
+import hashlib
 from typing import TYPE_CHECKING, Final, Protocol, final
 
 import attrs
 import trio
 
-from ._errors import InvalidRequest, NotFound, OutOfCredits
+from ._errors import InvalidRequest, NotFound, OutOfCredits, Unauthorized
 
 if TYPE_CHECKING:
     from ._events import Usage
+
+
+def hash_key(api_key: str) -> bytes:
+    """The digest an API key is stored and looked up by."""
+    return hashlib.sha256(api_key.encode("utf-8", "surrogatepass")).digest()
+
+
+def lookup_key(key_hashes: dict[bytes, str], api_key: str) -> str:
+    """The account of ``api_key`` in ``key_hashes``; :class:`Unauthorized` if none.
+
+    Keys are compared only through their SHA-256 digests (a dict lookup), so
+    the time a comparison takes depends on the digest of the presented key,
+    never on the bytes of a stored key: a timing attack learns a prefix of a
+    digest, which does not help to find a key.
+    """
+    account_id = key_hashes.get(hash_key(api_key))
+    if account_id is None:
+        raise Unauthorized("missing or unknown API key; send 'Authorization: Bearer KEY'")
+    return account_id
+
 
 #: The account that ``Runtime.create_session`` and ``respond`` use by default.
 DEFAULT_ACCOUNT: Final = "local"
@@ -111,6 +132,14 @@ class Store(Protocol):
         """The account's most recent usage records, newest first."""
         ...
 
+    async def authenticate(self, api_key: str) -> str:
+        """Return the id of the account that owns ``api_key``.
+
+        Raises :class:`Unauthorized` for an unknown key. Keys are kept only as
+        hashes.
+        """
+        ...
+
 
 @final
 @attrs.define(eq=False)
@@ -126,6 +155,8 @@ class MemoryStore:
     default_mode: CreditMode = CreditMode.HARD
     _accounts: dict[str, Account] = attrs.field(factory=dict, init=False)
     _records: dict[str, UsageRecord] = attrs.field(factory=dict, init=False)
+    #: sha256(key) -> account id. The keys themselves are never stored.
+    _key_hashes: dict[bytes, str] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.create_account(DEFAULT_ACCOUNT, credits=self.default_credits, mode=self.default_mode)
@@ -157,6 +188,32 @@ class MemoryStore:
             return self._accounts[account_id]
         except KeyError:
             raise NotFound(f"unknown account {account_id!r}") from None
+
+    def add_api_key(self, account_id: str, api_key: str) -> None:
+        """Let ``api_key`` authenticate as ``account_id`` (stored as a hash)."""
+        self._account(account_id)
+        if not api_key:
+            raise InvalidRequest("an API key must not be empty")
+        self._key_hashes[hash_key(api_key)] = account_id
+
+    def ensure_account_for_key(self, api_key: str, *, credits: float = 1000.0) -> str:
+        """The account of ``api_key``, created (with ``credits``) if the key is new."""
+        digest = hash_key(api_key)
+        account_id = self._key_hashes.get(digest)
+        if account_id is None:
+            account_id = "acct_" + digest.hex()[:24]
+            if account_id not in self._accounts:
+                self.create_account(account_id, credits=credits)
+            self._key_hashes[digest] = account_id
+        return account_id
+
+    @property
+    def has_api_keys(self) -> bool:
+        return bool(self._key_hashes)
+
+    async def authenticate(self, api_key: str) -> str:
+        await trio.lowlevel.checkpoint()
+        return lookup_key(self._key_hashes, api_key)
 
     async def get_account(self, account_id: str) -> Account:
         await trio.lowlevel.checkpoint()

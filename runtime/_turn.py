@@ -139,6 +139,18 @@ class Turn:
         """
         return self.buffer.events(after)
 
+    async def read_batch(self, after: int | None = None) -> tuple[Event, ...]:
+        """Every event after ``after`` available now, waiting for at least one;
+        ``()`` once the terminal event has been read. For coalescing writers."""
+        return await self.buffer.read_batch(after)
+
+    @property
+    def status(self) -> str:
+        """The lifecycle state as clients see it (``finalizing`` shows as
+        ``in_progress``: the outcome is not public until the terminal event)."""
+        state = TurnState.IN_PROGRESS if self.state is TurnState.FINALIZING else self.state
+        return str(state.value)
+
     async def cancel(self, reason: str = CLIENT_CANCEL) -> CancelOutcome:
         """Ask the turn to stop.
 

@@ -26,7 +26,7 @@ import attrs
 from ._errors import InvalidRequest, NotFound, PathOutsideWorkspace
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
 #: The workspace path the agent is told about; file tools map it to the real one.
 SANDBOX_ROOT: Final = "/opt/sandbox/workspace"
@@ -67,6 +67,12 @@ class FileInfo:
     type: str  # "file" | "directory" | "other"
     size: int
     modified: float
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "directory"
+    return "file" if stat.S_ISREG(mode) else "other"
 
 
 def _refuse(path: str, exc: OSError) -> Exception:
@@ -114,14 +120,7 @@ class Workspace:
                 infos = []
                 for name in sorted(os.listdir(fd)):
                     st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                    kind = (
-                        "directory"
-                        if stat.S_ISDIR(st.st_mode)
-                        else "file"
-                        if stat.S_ISREG(st.st_mode)
-                        else "other"
-                    )
-                    infos.append(FileInfo(name, kind, st.st_size, st.st_mtime))
+                    infos.append(FileInfo(name, _kind(st.st_mode), st.st_size, st.st_mtime))
                 return infos
         except OSError as exc:
             raise _refuse(path, exc) from None
@@ -143,6 +142,52 @@ class Workspace:
                 if not stat.S_ISREG(mode):
                     raise PathOutsideWorkspace(f"{path!r} is not a regular file")
                 return f.read() if limit is None else f.read(limit)
+        except OSError as exc:
+            raise _refuse(path, exc) from None
+
+    def stat(self, path: str) -> FileInfo:
+        """The entry ``path`` (not followed if it is a symbolic link)."""
+        parts = split_path(path)
+        try:
+            with self._open_dir(parts[:-1]) as dir_fd:
+                name = parts[-1] if parts else "."
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError as exc:
+            raise _refuse(path, exc) from None
+        return FileInfo(parts[-1] if parts else "", _kind(st.st_mode), st.st_size, st.st_mtime)
+
+    def kind(self, path: str) -> str:
+        """``"file"``, ``"directory"`` or ``"other"``."""
+        return self.stat(path).type
+
+    def read_range(
+        self, path: str, choose: Callable[[int], tuple[int, int] | None]
+    ) -> tuple[bytes, int, tuple[int, int] | None]:
+        """Read the inclusive byte range that ``choose(size)`` picks (None: all).
+
+        Returns:
+          (bytes, size of the file, the range read or None). ``choose`` sees
+          the size of the very file that is read, so a range cannot be computed
+          for one file and served from another swapped in meanwhile.
+        """
+        parts = split_path(path)
+        if not parts:
+            raise InvalidRequest(f"{path!r} is a directory")
+        try:
+            with self._open_dir(parts[:-1]) as dir_fd:
+                flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+                fd = os.open(parts[-1], flags, dir_fd=dir_fd)
+            with os.fdopen(fd, "rb") as f:
+                st = os.fstat(f.fileno())
+                if stat.S_ISDIR(st.st_mode):
+                    raise InvalidRequest(f"{path!r} is a directory")
+                if not stat.S_ISREG(st.st_mode):
+                    raise PathOutsideWorkspace(f"{path!r} is not a regular file")
+                span = choose(st.st_size)
+                if span is None:
+                    return f.read(), st.st_size, None
+                f.seek(span[0])
+                return f.read(span[1] - span[0] + 1), st.st_size, span
         except OSError as exc:
             raise _refuse(path, exc) from None
 

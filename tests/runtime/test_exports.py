@@ -6,7 +6,10 @@ import runtime
 
 EXPECTED = {
     "BUILTIN_TOOLS", "DEFAULT_ACCOUNT", "EVENT_TYPES", "SANDBOX_ROOT", "Account",
-    "AgentRuntimeError", "CancelOutcome", "ChatMessage", "CreditMode", "DemoModel", "Event",
+    "AgentRuntimeError",
+    "IdempotencyConflict", "IdempotencyKeys", "Replayed", "Unauthorized",
+    "UsageReport", "UsageWindow", "fingerprint", "usage_report",
+    "CancelOutcome", "ChatMessage", "CreditMode", "DemoModel", "Event",
     "FileInfo", "FunctionCall", "InvalidRequest", "InvalidTransition", "MemoryStore",
     "MessageCancelled", "MessageCompleted", "MessageCreated", "MessageError", "Model",
     "ModelChunk", "ModelRequest", "NotFound", "OutOfCredits", "OutputMessage",

@@ -1,35 +1,77 @@
-"""``agent-runtime``: the command line.
-
-``agent-runtime demo PROMPT`` runs one turn on the embedded runtime (no HTTP)
-and prints its events; ``--cancel-after S`` cancels it mid-stream and reports
-how long the cancel took to land. The HTTP server (``serve``) and the
-benchmark (``bench``) subcommands are separate pieces of work.
-"""
+"""``agent-runtime``: the command line (serve, demo)."""
 
 from __future__ import annotations
 
 import argparse
+import secrets
 import sys
 import tempfile
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import trio
 
-from ._demo import DemoModel
-from ._events import MessageCancelled, MessageCompleted, MessageError, TextDelta
-from ._runtime import Runtime
+from runtime import (
+    DemoModel,
+    MemoryStore,
+    MessageCancelled,
+    MessageCompleted,
+    MessageError,
+    Runtime,
+    TextDelta,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+DESCRIPTION: Final = (
+    "agent-runtime: a self-hosted, actor-based agent runtime whose cancel really stops the work."
+)
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="agent-runtime",
-        description="A self-hosted, actor-based agent runtime whose cancel really stops the work.",
-    )
+    parser = argparse.ArgumentParser(prog="agent-runtime", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the HTTP API server (hypercorn, trio)",
+        description=(
+            "Serve the agent API of DESIGN.md over HTTP. SIGTERM/SIGINT drain: running "
+            "turns end *.cancelled (reason shutdown, unbilled), then the server exits."
+        ),
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any)")
+    serve.add_argument(
+        "--data-dir", default="./data", help="session workspaces live here (default ./data)"
+    )
+    serve.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="accept this API key (repeatable); each gets an account. With none, "
+        "a key is created and printed once",
+    )
+    serve.add_argument(
+        "--model", default="demo", help="the model: 'demo' (default; a scripted model, no LLM)"
+    )
+    serve.add_argument(
+        "--demo-tokens-per-second",
+        type=float,
+        default=50.0,
+        metavar="N",
+        help="demo model speed in words per second (default 50)",
+    )
+    serve.add_argument(
+        "--grace-seconds",
+        type=float,
+        default=120.0,
+        metavar="N",
+        help="how long a finished turn stays resumable and cancellable (default 120)",
+    )
+
     demo = sub.add_parser(
         "demo",
         help="run one turn on the embedded runtime (demo model, no HTTP) and print its events",
@@ -56,6 +98,37 @@ def _parser() -> argparse.ArgumentParser:
         help="where session workspaces live (default: a temporary directory)",
     )
     return parser
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from ._serve import serve
+
+    if args.model != "demo":
+        print(
+            f"agent-runtime: unknown model {args.model!r}; only 'demo' is available",
+            file=sys.stderr,
+        )
+        return 2
+    store = MemoryStore(default_credits=0.0)
+    keys = list(args.api_key)
+    created = None
+    if not keys and not store.has_api_keys:
+        created = f"pk_local_{secrets.token_urlsafe(24)}"
+        keys.append(created)
+    for key in keys:
+        store.ensure_account_for_key(key)
+    model = DemoModel(tokens_per_second=args.demo_tokens_per_second or None)
+    async with Runtime.open(
+        data_dir=args.data_dir, model=model, store=store, grace_seconds=args.grace_seconds
+    ) as rt:
+
+        def ready(binds: list[str]) -> None:
+            print(f"agent-runtime serving on {', '.join(binds)}", flush=True)
+            if created is not None:
+                print(f"API key (shown once, stored only as a hash): {created}", flush=True)
+
+        await serve(rt, host=args.host, port=args.port, on_ready=ready)  # type: ignore[arg-type]
+    return 0
 
 
 async def _demo(args: argparse.Namespace, data_dir: str) -> int:
@@ -99,6 +172,8 @@ async def _demo(args: argparse.Namespace, data_dir: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``agent-runtime`` console script."""
     args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return trio.run(_serve, args)
     if args.command == "demo":
         if args.data_dir:
             return trio.run(_demo, args, args.data_dir)

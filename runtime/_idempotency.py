@@ -1,0 +1,127 @@
+"""Idempotency keys: one turn per (account, key), whatever the retries.
+
+Theory of operation
+-------------------
+A key is bound, per account, to the fingerprint of the request that first
+used it (the session and the body) and, once that request's turn started, to
+the turn's response id, for :data:`KEY_TTL` seconds. :meth:`IdempotencyKeys.run`
+claims the key synchronously before its first checkpoint, so of several
+concurrent requests with one key exactly one starts a turn; the others wait
+for its outcome and attach to the same turn. A request whose start failed
+(busy session, no credits, bad input) releases the key: nothing was started,
+so a retry may start it. A cancelled turn keeps its key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import TYPE_CHECKING, Final, final
+
+import attrs
+import trio
+
+from ._errors import IdempotencyConflict, InvalidRequest
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from ._turn import Turn
+
+#: How long a key stays bound to its response id.
+KEY_TTL: Final = 24 * 3600.0
+MAX_KEY_LENGTH: Final = 255
+
+
+def fingerprint(*parts: str | bytes) -> str:
+    """A digest of the parts of a request that a retry must repeat exactly."""
+    h = hashlib.sha256()
+    for part in parts:
+        data = part.encode() if isinstance(part, str) else part
+        h.update(len(data).to_bytes(8, "big"))
+        h.update(data)
+    return h.hexdigest()
+
+
+@attrs.define(eq=False)
+class _Binding:
+    fingerprint: str
+    created_at: float
+    response_id: str | None = None
+    #: Set once the first request has either started its turn or failed.
+    settled: trio.Event = attrs.field(factory=trio.Event)
+
+
+@attrs.frozen
+class Replayed:
+    """A key whose turn is no longer buffered: only its response id is left."""
+
+    response_id: str
+
+
+@final
+@attrs.define(eq=False)
+class IdempotencyKeys:
+    """The bindings of every account's idempotency keys (in memory)."""
+
+    ttl: float = KEY_TTL
+    _bindings: dict[tuple[str, str], _Binding] = attrs.field(factory=dict, init=False)
+
+    async def run(
+        self,
+        account_id: str,
+        key: str,
+        request_fingerprint: str,
+        start: Callable[[], Awaitable[Turn]],
+        lookup: Callable[[str], Turn | None],
+    ) -> Turn | Replayed:
+        """Start a turn with ``start`` unless ``key`` already names one.
+
+        Returns:
+          The new turn; or, for a repeat of the same request, the turn the key
+          is bound to (``lookup(response_id)``), or :class:`Replayed` if that
+          turn is no longer buffered.
+
+        Raises:
+          IdempotencyConflict: the key was used with another session or body.
+          InvalidRequest: the key is empty or too long.
+          Whatever ``start`` raises (the key is then released).
+        """
+        if not key or len(key) > MAX_KEY_LENGTH:
+            raise InvalidRequest(f"Idempotency-Key must be 1-{MAX_KEY_LENGTH} characters")
+        now = time.time()
+        slot = (account_id, key)
+        binding = self._bindings.get(slot)
+        if binding is not None and now - binding.created_at > self.ttl:
+            del self._bindings[slot]
+            binding = None
+        if binding is None:
+            binding = _Binding(request_fingerprint, now)
+            self._bindings[slot] = binding
+            try:
+                turn = await start()
+            except BaseException:
+                del self._bindings[slot]
+                binding.settled.set()
+                raise
+            binding.response_id = turn.id
+            binding.settled.set()
+            return turn
+        if binding.fingerprint != request_fingerprint:
+            await trio.lowlevel.checkpoint()
+            raise IdempotencyConflict(
+                f"Idempotency-Key {key!r} was used with another session or body; "
+                f"use a new key for a new request"
+            )
+        await binding.settled.wait()
+        if binding.response_id is None:
+            # The first request failed and released the key: this one may try.
+            return await self.run(account_id, key, request_fingerprint, start, lookup)
+        bound = lookup(binding.response_id)
+        return bound if bound is not None else Replayed(binding.response_id)
+
+    def purge(self) -> None:
+        """Forget bindings older than the ttl."""
+        cutoff = time.time() - self.ttl
+        for slot in [s for s, b in self._bindings.items() if b.created_at < cutoff]:
+            del self._bindings[slot]

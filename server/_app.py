@@ -1,0 +1,349 @@
+"""``create_app(runtime)``: the HTTP API of DESIGN.md on quart-trio.
+
+Routes only translate: HTTP in, runtime calls, JSON or SSE out. Turns,
+buffers, billing and cancellation live in ``runtime``; errors come from it
+with their status and are mapped in one handler.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import TYPE_CHECKING, Any, Final
+
+import trio
+from quart import Response, g, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from runtime import (
+    AgentRuntimeError,
+    InvalidRequest,
+    NotFound,
+    Replayed,
+    Runtime,
+    ShuttingDown,
+    Turn,
+    Unauthorized,
+    fingerprint,
+    usage_report,
+)
+
+from ._asgi import Guard
+from ._codec import (
+    error_json,
+    json_response,
+    session_json,
+    sse_frame,
+    turn_json,
+    usage_report_json,
+)
+from ._files import files_blueprint
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+JSON_LIMIT: Final = 1024 * 1024
+FILE_LIMIT: Final = 64 * 1024 * 1024
+PING_INTERVAL: Final = 15.0
+_DURATION_RE: Final = re.compile(r"(\d+(?:\.\d+)?)([smh])")
+REPLAYED_NOTE: Final = (
+    "this idempotency key's turn has finished and its events are no longer buffered; "
+    "GET /v1/sessions/{sid}/responses/{rid} or /v1/responses/{rid} while it is kept, "
+    "and use a new key for a new turn"
+)
+
+
+def create_app(
+    runtime: Runtime,
+    *,
+    json_limit: int = JSON_LIMIT,
+    file_limit: int = FILE_LIMIT,
+    ping_interval: float = PING_INTERVAL,
+) -> QuartTrio:
+    """Build the app. The runtime must outlive it (open the runtime first).
+
+    Args:
+      runtime: what every route calls.
+      json_limit: largest JSON request body, bytes (413 beyond).
+      file_limit: largest file upload (``PUT …/files/…``), bytes.
+      ping_interval: seconds between ``: ping`` comments on an idle stream.
+    """
+    app = QuartTrio(__name__)
+    app.config["RESPONSE_TIMEOUT"] = None  # streams are unbounded; see STACK-NOTES 2
+    app.asgi_app = Guard(app.asgi_app, json_limit=json_limit, file_limit=file_limit)  # type: ignore[method-assign]
+    rt = runtime
+
+    @app.before_request
+    async def authenticate() -> None:
+        if not request.path.startswith("/v1/") and request.path != "/v1":
+            return
+        if rt.closing:
+            raise ShuttingDown("the server is shutting down")
+        header = request.headers.get("Authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise Unauthorized("missing API key; send 'Authorization: Bearer KEY'")
+        g.account_id = await rt.store.authenticate(key.strip())
+
+    @app.errorhandler(AgentRuntimeError)
+    async def runtime_error(exc: AgentRuntimeError) -> Response:
+        response = json_response(error_json(exc), exc.status_hint)
+        if exc.status_hint == 401:
+            response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        name = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
+        return json_response({"error": name, "message": exc.description or name}, status)
+
+    @app.errorhandler(Exception)
+    async def bug(exc: Exception) -> Response:
+        app.logger.exception("unhandled error", exc_info=exc)
+        return json_response({"error": "internal_error", "message": "internal server error"}, 500)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return json_response({"status": "ok"})
+
+    # -- sessions -----------------------------------------------------------
+
+    @app.post("/v1/sessions")
+    async def create_session() -> tuple[Response, int]:
+        body = await json_body(optional=True)
+        persistent = field(body, "persistent", bool, False)
+        metadata = field(body, "metadata", dict, None)
+        model = field(body, "model", str, None)
+        kwargs: dict[str, Any] = {}
+        if "ttl" in body:
+            kwargs["ttl"] = field(body, "ttl", (int, float), None)
+        session = await rt.create_session(
+            persistent=persistent,
+            metadata=metadata,
+            model=model,
+            account_id=g.account_id,
+            **kwargs,
+        )
+        return json_response(session_json(session)), 201
+
+    @app.get("/v1/sessions")
+    async def list_sessions() -> Response:
+        return json_response([session_json(s) for s in rt.sessions(account_id=g.account_id)])
+
+    @app.get("/v1/sessions/<sid>")
+    async def get_session(sid: str) -> Response:
+        return json_response(session_json(rt.get_session(sid, account_id=g.account_id)))
+
+    @app.delete("/v1/sessions/<sid>")
+    async def delete_session(sid: str) -> tuple[str, int]:
+        await rt.delete_session(sid, account_id=g.account_id)
+        return "", 204
+
+    @app.delete("/v1/sessions")
+    async def delete_sessions() -> Response:
+        status = request.args.get("status", "any")
+        if status not in ("idle", "any"):
+            raise InvalidRequest(f"status must be 'idle' or 'any', not {status!r}")
+        older_than = request.args.get("older_than")
+        if older_than is None and "status" not in request.args:
+            raise InvalidRequest(
+                "bulk delete needs a filter: ?status=idle and/or ?older_than=1h30m"
+            )
+        deleted = await rt.delete_sessions(
+            account_id=g.account_id,
+            idle_only=status == "idle",
+            older_than=parse_duration(older_than) if older_than is not None else 0.0,
+        )
+        return json_response({"deleted": deleted})
+
+    # -- turns --------------------------------------------------------------
+
+    @app.post("/v1/sessions/<sid>/messages")
+    async def post_message(sid: str) -> Response:
+        session = rt.get_session(sid, account_id=g.account_id)
+        body = await json_body()
+        message = field(body, "message", str, None)
+        if message is None:
+            raise InvalidRequest("'message' (a string) is required")
+        return await start_stream(body, lambda: session.send(message))
+
+    @app.post("/v1/responses")
+    async def post_response() -> Response:
+        body = await json_body()
+        text = field(body, "input", str, None)
+        if text is None:
+            raise InvalidRequest("'input' (a string) is required")
+        account_id = g.account_id
+
+        async def start() -> Turn:
+            return await rt.respond(text, account_id=account_id)
+
+        return await start_stream(body, start)
+
+    @app.get("/v1/sessions/<sid>/messages")
+    async def history(sid: str) -> Response:
+        session = rt.get_session(sid, account_id=g.account_id)
+        return json_response([turn_json(turn) for turn in session.turns])
+
+    @app.get("/v1/sessions/<sid>/responses/<rid>")
+    async def get_session_response(sid: str, rid: str) -> Response:
+        return json_response(turn_json(session_turn(sid, rid)))
+
+    @app.get("/v1/responses/<rid>")
+    async def get_response(rid: str) -> Response:
+        return json_response(turn_json(stateless_turn(rid)))
+
+    @app.get("/v1/sessions/<sid>/responses/<rid>/events")
+    async def resume_session(sid: str, rid: str) -> Response:
+        return await stream(session_turn(sid, rid), cursor())
+
+    @app.get("/v1/responses/<rid>/events")
+    async def resume_response(rid: str) -> Response:
+        return await stream(stateless_turn(rid), cursor())
+
+    @app.post("/v1/sessions/<sid>/responses/<rid>/cancel")
+    async def cancel_session_turn(sid: str, rid: str) -> tuple[Response, int]:
+        return await cancel(session_turn(sid, rid))
+
+    @app.post("/v1/responses/<rid>/cancel")
+    async def cancel_response(rid: str) -> tuple[Response, int]:
+        return await cancel(stateless_turn(rid))
+
+    @app.get("/v1/usage")
+    async def usage() -> Response:
+        return json_response(usage_report_json(await usage_report(rt.store, g.account_id)))
+
+    app.register_blueprint(files_blueprint(rt))
+
+    # -- helpers (closures over rt) -------------------------------------------
+
+    def session_turn(sid: str, rid: str) -> Turn:
+        turn = rt.get_turn(rid, account_id=g.account_id)
+        if turn.session_id != sid:
+            raise NotFound(f"response {rid!r} is unknown in session {sid!r}")
+        return turn
+
+    def stateless_turn(rid: str) -> Turn:
+        turn = rt.get_turn(rid, account_id=g.account_id)
+        if not turn.is_stateless:
+            raise NotFound(f"response {rid!r} is not a stateless response")
+        return turn
+
+    async def start_stream(body: dict[str, Any], start: Any) -> Response:
+        key = request.headers.get("Idempotency-Key")
+        if key is None:
+            return await stream(await start(), None)
+        # The fingerprint is (session, body): the path names the session.
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+        result = await rt.idempotency.run(
+            g.account_id, key, fingerprint(request.path, canonical), start, rt.find_turn
+        )
+        if isinstance(result, Replayed):
+            return json_response(
+                {"response_id": result.response_id, "status": "replayed", "note": REPLAYED_NOTE}
+            )
+        return await stream(result, None)
+
+    async def stream(turn: Turn, after: int | None) -> Response:
+        response = Response(
+            sse_body(turn, after, ping_interval),
+            200,
+            {
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Response-Id": turn.id,
+                "X-Accel-Buffering": "no",
+            },
+        )
+        response.timeout = None
+        await trio.lowlevel.checkpoint()
+        return response
+
+    async def cancel(turn: Turn) -> tuple[Response, int]:
+        outcome = await turn.cancel()
+        status = 202 if outcome.value == "cancelling" else 200
+        return json_response({"response_id": turn.id, "status": outcome.value}), status
+
+    return app
+
+
+async def sse_body(turn: Turn, after: int | None, ping_interval: float) -> AsyncIterator[bytes]:
+    """The turn's events after ``after`` as SSE, coalesced, with idle pings.
+
+    This generator is a reader of the turn's buffer: if the client goes away
+    it is cancelled, and the turn is not affected.
+    """
+    cursor = -1 if after is None else after
+    while True:
+        batch: tuple[Any, ...] = ()
+        with trio.move_on_after(ping_interval) as idle:
+            batch = await turn.read_batch(cursor)
+        if idle.cancelled_caught:
+            yield b": ping\n\n"
+            continue
+        if not batch:
+            return
+        yield b"".join(sse_frame(event) for event in batch)
+        cursor = batch[-1].sequence_number
+        if batch[-1].is_terminal:
+            return
+
+
+def cursor() -> int | None:
+    """The resume cursor: ``Last-Event-ID`` header or ``?last_event_id=``."""
+    raw = request.headers.get("Last-Event-ID")
+    if raw is None:
+        raw = request.args.get("last_event_id")
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidRequest(f"Last-Event-ID must be an integer, not {raw!r}") from None
+    if value < -1:
+        raise InvalidRequest(f"Last-Event-ID must be >= -1, not {value}")
+    return value
+
+
+async def json_body(*, optional: bool = False) -> dict[str, Any]:
+    """The request body parsed as a JSON object, whatever the Content-Type."""
+    raw = await request.get_data(as_text=False)
+    if not raw.strip():
+        if optional:
+            return {}
+        raise InvalidRequest("the request body must be a JSON object")
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise InvalidRequest("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return body
+
+
+def field(body: dict[str, Any], name: str, kind: Any, default: Any) -> Any:
+    """``body[name]`` checked against ``kind`` (400 if wrong), or ``default``."""
+    value = body.get(name, default)
+    if value is None:
+        return default
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise InvalidRequest(f"{name!r} must be {names}, not {value!r}")
+    return value
+
+
+def parse_duration(text: str) -> float:
+    """``1h30m`` -> 5400.0; ``s``, ``m``, ``h`` suffixes, combinable."""
+    pos, total = 0, 0.0
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    for match in _DURATION_RE.finditer(text):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * units[match.group(2)]
+        pos = match.end()
+    if pos != len(text) or not text:
+        raise InvalidRequest(f"older_than must look like 90s, 15m or 1h30m, not {text!r}")
+    return total

@@ -1,0 +1,102 @@
+"""An ASGI wrapper for what the framework does not do (STACK-NOTES 1, 12).
+
+* Body limits: hypercorn has none, and Quart would keep reading an oversized
+  upload. The guard reads the request body itself, up to the route's limit,
+  and answers 413 (closing the connection) the moment it is exceeded; the app
+  then gets the body from memory.
+* Finished connections: quart-trio cancels the request's nursery right after
+  the last ``send``, which cancels hypercorn's own close of the response.
+  Sending the final body chunk shielded (and bounded) lets it complete, so a
+  finished request does not keep its socket open.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any, Final, final
+
+import attrs
+import trio
+
+if TYPE_CHECKING:
+    from hypercorn.typing import ASGIFramework, ASGIReceiveEvent, ASGISendEvent
+
+#: Bound on the shielded final send: a client that stopped reading cannot
+#: hold a task forever.
+FINAL_SEND_TIMEOUT: Final = 10.0
+
+
+@final
+@attrs.define
+class Guard:
+    """Wraps an ASGI app with body limits and the shielded final send."""
+
+    app: ASGIFramework
+    json_limit: int
+    file_limit: int
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        is_upload = scope["method"] == "PUT" and "/files/" in scope["path"]
+        limit = self.file_limit if is_upload else self.json_limit
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    await _refuse(send, 400, "invalid_request", "bad Content-Length header")
+                    return
+                if declared > limit:
+                    await _too_large(send, limit)
+                    return
+        body = bytearray()
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > limit:
+                await _too_large(send, limit)
+                return
+            more = message.get("more_body", False)
+        replay: list[ASGIReceiveEvent] = [
+            {"type": "http.request", "body": bytes(body), "more_body": False}
+        ]
+
+        async def receive_replayed() -> ASGIReceiveEvent:
+            if replay:
+                return replay.pop()
+            return await receive()  # type: ignore[no-any-return]
+
+        async def send_final_shielded(message: ASGISendEvent) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                with trio.CancelScope(shield=True), trio.move_on_after(FINAL_SEND_TIMEOUT):
+                    await send(message)
+            else:
+                await send(message)
+
+        await self.app(scope, receive_replayed, send_final_shielded)
+
+
+async def _too_large(send: Any, limit: int) -> None:
+    await _refuse(send, 413, "too_large", f"request body over the limit of {limit} bytes")
+
+
+async def _refuse(send: Any, status: int, error: str, message: str) -> None:
+    body = json.dumps({"error": error, "message": message}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    with trio.CancelScope(shield=True), trio.move_on_after(FINAL_SEND_TIMEOUT):
+        await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -1,0 +1,181 @@
+"""JSON at the edge: runtime objects to wire dicts, and SSE frames.
+
+The runtime never sees a dict; this module is where its attrs objects become
+the JSON of DESIGN.md (and OpenAI's Responses shapes for ``response.*``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any, Final
+
+import attrs
+import cattrs
+from quart import Response
+
+from runtime import (
+    AgentRuntimeError,
+    Event,
+    FunctionCall,
+    OutputMessage,
+    ResponseSnapshot,
+    Session,
+    Turn,
+    Usage,
+)
+
+if TYPE_CHECKING:
+    from runtime._usage import UsageReport, UsageWindow
+
+converter: Final = cattrs.Converter()
+
+
+def usage_json(usage: Usage | None) -> dict[str, int] | None:
+    if usage is None:
+        return None
+    return {
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+def item_json(item: OutputMessage | FunctionCall) -> dict[str, Any]:
+    """An output item in the shape of OpenAI's Responses API."""
+    if isinstance(item, OutputMessage):
+        return {
+            "type": "message",
+            "id": item.id,
+            "status": item.status,
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": item.text, "annotations": []}],
+        }
+    return {
+        "type": "function_call",
+        "id": item.id,
+        "call_id": item.call_id,
+        "name": item.name,
+        "arguments": item.arguments,
+        "status": item.status,
+    }
+
+
+def snapshot_json(snapshot: ResponseSnapshot) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": snapshot.id,
+        "object": "response",
+        "created_at": snapshot.created_at,
+        "status": snapshot.status,
+        "model": snapshot.model,
+        "output": [item_json(item) for item in snapshot.output],
+        "output_text": snapshot.output_text,
+        "usage": usage_json(snapshot.usage),
+    }
+    if snapshot.error is not None:
+        body["error"] = {"code": "server_error", "message": snapshot.error}
+    return body
+
+
+converter.register_unstructure_hook(Usage, usage_json)
+converter.register_unstructure_hook(OutputMessage, item_json)
+converter.register_unstructure_hook(FunctionCall, item_json)
+converter.register_unstructure_hook(ResponseSnapshot, snapshot_json)
+
+
+def event_json(event: Event) -> dict[str, Any]:
+    """The ``data`` of an event: its type, sequence number, response id and payload."""
+    data: dict[str, Any] = {"type": event.type}
+    for field in attrs.fields(type(event)):
+        data[field.name] = converter.unstructure(getattr(event, field.name))
+    if event.type == "response.created":
+        # The hosted API puts the rid on the first event's data.id.
+        data["id"] = event.response_id
+    return data
+
+
+def sse_frame(event: Event) -> bytes:
+    """One SSE frame: ``id: N``, ``event: TYPE``, ``data: JSON``, blank line."""
+    data = json.dumps(event_json(event), separators=(",", ":"), ensure_ascii=False)
+    return f"id: {event.sequence_number}\nevent: {event.type}\ndata: {data}\n\n".encode()
+
+
+def session_json(session: Session) -> dict[str, Any]:
+    return {
+        "id": session.id,
+        "created_at": session.created_at,
+        "last_activity": session.last_activity,
+        "busy": session.busy,
+        "persistent": session.persistent,
+        "ttl": session.ttl,
+        "status": session.status,
+        "metadata": session.metadata,
+        "model": session.model,
+        "active_response_id": session.active_response_id,
+    }
+
+
+def turn_json(turn: Turn) -> dict[str, Any]:
+    """A turn as a history item / response object (ours)."""
+    body: dict[str, Any] = {
+        "id": turn.id,
+        "object": "response" if turn.is_stateless else "message",
+        "session_id": turn.session_id,
+        "status": turn.status,
+        "model": turn.model,
+        "created_at": turn.created_at,
+        "input": turn.input,
+        "output_text": turn.output_text,
+        "tool_calls": [converter.unstructure(call) for call in turn.tool_calls],
+        "usage": usage_json(turn.usage),
+        "last_sequence_number": len(turn.buffer) - 1,
+    }
+    if turn.cancel_reason is not None:
+        body["cancel_reason"] = turn.cancel_reason
+    if turn.error is not None:
+        body["error"] = turn.error
+    return body
+
+
+def window_json(window: UsageWindow) -> dict[str, Any]:
+    return converter.unstructure(window)  # type: ignore[no-any-return]
+
+
+def usage_report_json(report: UsageReport) -> dict[str, Any]:
+    account = report.account
+    return {
+        "rate_limit": {
+            "caller_id": account.id,
+            "buckets": {
+                name: {"windows": [window_json(w) for w in windows]}
+                for name, windows in report.buckets.items()
+            },
+        },
+        "credits": {"enabled": True, "mode": account.mode.value, "balance": account.balance},
+        "records": [
+            {
+                "response_id": r.response_id,
+                "session_id": r.session_id,
+                "model": r.model,
+                "input_tokens": r.input_tokens,
+                "output_tokens": r.output_tokens,
+                "credits": r.credits,
+                "created_at": r.created_at,
+            }
+            for r in report.records
+        ],
+    }
+
+
+def error_json(exc: AgentRuntimeError) -> dict[str, Any]:
+    body: dict[str, Any] = {"error": exc.error_type, "message": str(exc)}
+    response_id = getattr(exc, "response_id", None)
+    if response_id is not None:
+        body["response_id"] = response_id
+    return body
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    """A JSON response (lists stay bare arrays)."""
+    return Response(
+        json.dumps(body, ensure_ascii=False), status, {"Content-Type": "application/json"}
+    )

@@ -1,0 +1,82 @@
+"""``agent-runtime serve``: the runtime and the HTTP server, nested.
+
+The runtime's nursery encloses the server's (hypercorn ``trio.serve``), so the
+runtime outlives every request. SIGTERM or SIGINT first drains the runtime
+(new requests get 503, every running turn ends ``*.cancelled`` with reason
+``shutdown`` and unbilled, tool processes are killed, so open streams end with
+their terminal event), then stops hypercorn, then closes the runtime.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from functools import partial
+from typing import TYPE_CHECKING, Final
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve as hypercorn_serve
+
+from ._app import create_app
+
+if TYPE_CHECKING:
+    from runtime import Runtime
+
+#: Listen backlog: the default of 100 resets connections under bursts
+#: (STACK-NOTES 5).
+BACKLOG: Final = 4096
+#: How long hypercorn waits for in-flight requests after the drain.
+GRACEFUL_TIMEOUT: Final = 3.0
+
+
+def hypercorn_config(host: str, port: int) -> Config:
+    config = Config()
+    config.bind = [f"{host}:{port}"]
+    config.backlog = BACKLOG
+    config.graceful_timeout = GRACEFUL_TIMEOUT
+    config.accesslog = None
+    config.errorlog = "-"
+    return config
+
+
+async def serve(
+    rt: Runtime,
+    *,
+    host: str,
+    port: int,
+    on_ready: partial[None] | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``rt`` over HTTP until SIGTERM/SIGINT, then drain and return.
+
+    Cancellation: cancelling this stops the server at once (no drain).
+    """
+    app = create_app(rt)
+    stop = trio.Event()
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def on_signal() -> None:
+                async for signum in signals:
+                    print(
+                        f"agent-runtime: {signal.Signals(signum).name}: draining", file=sys.stderr
+                    )
+                    await rt.shutdown()
+                    stop.set()
+                    return
+
+            nursery.start_soon(on_signal)
+            binds = await nursery.start(
+                partial(
+                    hypercorn_serve,
+                    app,
+                    hypercorn_config(host, port),
+                    shutdown_trigger=stop.wait,
+                )
+            )
+            task_status.started(binds)
+            if on_ready is not None:
+                on_ready(binds)
+            await stop.wait()
+            nursery.cancel_scope.cancel(reason="server stopped")
