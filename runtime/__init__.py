@@ -179,6 +179,5 @@ __all__ = [
     "UsageWindow",
     "Workspace",
     "fingerprint",
-    "rt",
     "usage_report",
 ]
