@@ -106,7 +106,7 @@ class AgentLoop:
                     self._enter(turn, "text")
                     if append(TextDelta, content=chunk.text) is not None:
                         text.append(chunk.text)
-                        turn.output_text += chunk.text
+                        turn._add_text(chunk.text)
                 elif isinstance(chunk, ReasoningChunk):
                     self._enter(turn, "thinking")
                     append(ThinkingDelta, content=chunk.text)

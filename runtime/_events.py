@@ -17,13 +17,15 @@ from typing import Any, ClassVar, Final
 
 import attrs
 
+_count = [attrs.validators.instance_of(int), attrs.validators.ge(0)]
+
 
 @attrs.frozen
 class Usage:
     """Token counts of a turn (summed over its model steps)."""
 
-    input_tokens: int = 0
-    output_tokens: int = 0
+    input_tokens: int = attrs.field(default=0, validator=_count)
+    output_tokens: int = attrs.field(default=0, validator=_count)
 
     @property
     def total_tokens(self) -> int:

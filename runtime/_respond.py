@@ -63,6 +63,9 @@ class ResponseRound:
     #: Output items so far; the last one may still be open.
     output: list[OutputItem] = attrs.field(factory=list, init=False)
     _open: bool = attrs.field(default=False, init=False)
+    #: The open item's text or arguments so far, joined only when needed
+    #: (appending to the item each delta would be quadratic).
+    _parts: list[str] = attrs.field(factory=list, init=False)
 
     def snapshot(
         self,
@@ -74,6 +77,7 @@ class ResponseRound:
         cancel_reason: str | None = None,
     ) -> ResponseSnapshot:
         """The response as it stands, for ``response.*`` events and lookups."""
+        self._materialize()
         return ResponseSnapshot(
             id=turn.id,
             status=status,
@@ -114,6 +118,7 @@ class ResponseRound:
             return
         self.output.append(item)
         self._open = True
+        self._parts = []
         turn.buffer.append(ResponseOutputItemAdded, output_index=len(self.output) - 1, item=item)
 
     def _text(self, turn: Turn, text: str) -> None:
@@ -134,8 +139,8 @@ class ResponseRound:
             content_index=0, delta=text,
         )  # fmt: skip
         if event is not None:
-            self.output[-1] = attrs.evolve(last, text=last.text + text)
-            turn.output_text += text
+            self._parts.append(text)
+            turn._add_text(text)
 
     def _arguments(self, turn: Turn, chunk: ToolCallDelta) -> None:
         last = self.output[-1] if self._open else None
@@ -146,12 +151,13 @@ class ResponseRound:
             output_index=len(self.output) - 1, delta=chunk.arguments,
         )  # fmt: skip
         if event is not None:
-            self.output[-1] = attrs.evolve(last, arguments=last.arguments + chunk.arguments)
+            self._parts.append(chunk.arguments)
 
     def _close(self, turn: Turn) -> None:
         """Finish the open output item, with its ``*.done`` events."""
         if not self._open or turn.buffer.sealed:
             return
+        self._materialize()
         self._open = False
         index = len(self.output) - 1
         item = self.output[index]
@@ -167,6 +173,18 @@ class ResponseRound:
         item = attrs.evolve(item, status="completed")
         self.output[index] = item
         append(ResponseOutputItemDone, output_index=index, item=item)
+
+    def _materialize(self) -> None:
+        """Write the open item's parts into it."""
+        if not self._open or not self._parts:
+            return
+        joined = "".join(self._parts)
+        self._parts = [joined]
+        item = self.output[-1]
+        if isinstance(item, OutputMessage):
+            self.output[-1] = attrs.evolve(item, text=joined)
+        else:
+            self.output[-1] = attrs.evolve(item, arguments=joined)
 
     @property
     def function_calls(self) -> list[FunctionCall]:

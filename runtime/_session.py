@@ -32,7 +32,7 @@ from ._errors import InvalidRequest, SessionBusy, SessionClosed, ShuttingDown
 from ._model import ChatMessage
 from ._state import TurnState
 from ._tools import ToolBox
-from ._turn import SESSION_EXPIRED, SHUTDOWN, Turn
+from ._turn import SESSION_EXPIRED, SHUTDOWN, HistoryEntry, Turn
 
 if TYPE_CHECKING:
     from ._runtime import Runtime
@@ -62,8 +62,9 @@ class Session:
     _runtime: Runtime = attrs.field(alias="_runtime")
     _idle_timeout: float = attrs.field(alias="_idle_timeout")
 
-    #: Every turn of the session, oldest first.
-    turns: list[Turn] = attrs.field(factory=list, init=False)
+    #: The session's turns, oldest first: the running one as a Turn, the
+    #: finished ones as compact entries (their buffers are not kept here).
+    _history: list[Turn | HistoryEntry] = attrs.field(factory=list, init=False)
     _active: Turn | None = attrs.field(default=None, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
     _closing: str | None = attrs.field(default=None, init=False)
@@ -83,7 +84,7 @@ class Session:
 
     def __repr__(self) -> str:
         state = f"closing:{self._closing}" if self._closing else "busy" if self.busy else "idle"
-        return f"<Session {self.id} {state} turns={len(self.turns)}>"
+        return f"<Session {self.id} {state} turns={len(self._history)}>"
 
     # -- the session record ----------------------------------------------
 
@@ -143,21 +144,28 @@ class Session:
             ),
             on_finished=self._turn_finished,
         )
-        # Claim the session before the first await, so a concurrent send sees
-        # it busy (and the credit check cannot be raced).
+        # Claim the session and register the turn before the first await, so a
+        # concurrent send gets a 409 naming a response id that exists (and the
+        # credit check cannot be raced). If the start fails, the turn ends
+        # with a terminal event like any other, so its readers never hang.
         self._active = turn
+        rt._register(turn)
         try:
             await rt.store.check_can_start(self.account_id)
             self._check_open()
-        except BaseException:
-            self._active = None
+            assert self._nursery is not None
+            self.last_activity = time.time()
+            await self._nursery.start(turn._run)
+        except BaseException as exc:
+            if turn.state.is_running:
+                turn._abort_start(exc)
             raise
-        assert self._nursery is not None
-        self.turns.append(turn)
-        self.last_activity = time.time()
-        rt._register(turn)
-        await self._nursery.start(turn._run)
+        self._history.append(turn)
         return turn
+
+    def history(self) -> list[HistoryEntry]:
+        """Every turn of the session, oldest first (the running one included)."""
+        return [t.history_entry() if isinstance(t, Turn) else t for t in self._history]
 
     def _check_open(self) -> None:
         if self._runtime._closing:
@@ -168,13 +176,15 @@ class Session:
     def _context(self) -> tuple[ChatMessage, ...]:
         """The completed turns of the session, as model context."""
         messages: list[ChatMessage] = []
-        for turn in self.turns:
-            if turn.state is TurnState.COMPLETED:
-                messages.append(ChatMessage(role="user", content=turn.input))
-                messages.append(ChatMessage(role="assistant", content=turn.output_text))
+        for entry in self._history:
+            if isinstance(entry, HistoryEntry) and entry.status == TurnState.COMPLETED.value:
+                messages.append(ChatMessage(role="user", content=entry.input))
+                messages.append(ChatMessage(role="assistant", content=entry.output_text))
         return tuple(messages)
 
     def _turn_finished(self, turn: Turn) -> None:
+        if self._history and self._history[-1] is turn:
+            self._history[-1] = turn.history_entry()
         if self._active is turn:
             self._active = None
         self.last_activity = time.time()
@@ -207,10 +217,12 @@ class Session:
         return deadline
 
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        # A metadata-only mkdir: cheap enough for the loop, and keeping it here
-        # (not in a thread) keeps session creation deterministic under a mock clock.
-        os.makedirs(self.workspace.root, exist_ok=True)
         try:
+            # A metadata-only mkdir: cheap enough for the loop, and keeping it
+            # here (not in a thread) keeps session creation deterministic under
+            # a mock clock. Inside the try: if it fails, the finally still
+            # forgets the session.
+            os.makedirs(self.workspace.root, exist_ok=True)
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 task_status.started()

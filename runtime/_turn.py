@@ -33,7 +33,7 @@ import attrs
 import trio
 
 from ._buffer import EventBuffer
-from ._errors import NotFound
+from ._errors import AgentRuntimeError, NotFound
 from ._state import CancelOutcome, TurnInput, TurnState, cancel_outcome, next_state
 from ._store import UsageRecord
 
@@ -50,6 +50,8 @@ CLIENT_CANCEL: Final = "client_cancel"
 SESSION_DELETED: Final = "session_deleted"
 SESSION_EXPIRED: Final = "session_expired"
 SHUTDOWN: Final = "shutdown"
+#: How long a finalizing turn waits for the ledger before it fails unbilled.
+LEDGER_TIMEOUT: Final = 30.0
 
 
 class TurnBody(Protocol):
@@ -70,6 +72,22 @@ class TurnBody(Protocol):
 
     def failed(self, turn: Turn, error: str) -> None:
         """Append the terminal event of a failed turn."""
+
+
+@attrs.frozen(kw_only=True)
+class HistoryEntry:
+    """A turn as its session remembers it: what ``GET …/messages`` shows and
+    what later turns get as context, without the turn's event buffer."""
+
+    id: str
+    status: str
+    input: str
+    output_text: str
+    tool_calls: tuple[ToolCallRecord, ...]
+    usage: Usage | None
+    created_at: float
+    cancel_reason: str | None = None
+    error: str | None = None
 
 
 @attrs.frozen
@@ -112,10 +130,11 @@ class Turn:
     usage: Usage | None = attrs.field(default=None, init=False)
     error: str | None = attrs.field(default=None, init=False)
     finished_at: float | None = attrs.field(default=None, init=False)
-    #: The answer text streamed so far (every text delta, in order).
-    output_text: str = attrs.field(default="", init=False)
     tool_calls: list[ToolCallRecord] = attrs.field(factory=list, init=False)
-    _scope: trio.CancelScope | None = attrs.field(default=None, init=False)
+    _text: list[str] = attrs.field(factory=list, init=False)
+    #: Made here, not in the task: a cancel accepted before the turn task
+    #: first runs must still land (trio lets a scope be cancelled before entry).
+    _scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
     _done: trio.Event = attrs.field(factory=trio.Event, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -127,6 +146,32 @@ class Turn:
     @property
     def is_stateless(self) -> bool:
         return self.session_id is None
+
+    @property
+    def output_text(self) -> str:
+        """The answer text streamed so far (every text delta, in order)."""
+        if len(self._text) > 1:
+            self._text[:] = ["".join(self._text)]
+        return self._text[0] if self._text else ""
+
+    def _add_text(self, text: str) -> None:
+        # A list, not ``+=`` on an attribute: that copies the whole answer
+        # for every delta (quadratic in the length of the turn).
+        self._text.append(text)
+
+    def history_entry(self) -> HistoryEntry:
+        """The turn as an item of its session's history."""
+        return HistoryEntry(
+            id=self.id,
+            status=self.status,
+            input=self.input,
+            output_text=self.output_text,
+            tool_calls=tuple(self.tool_calls),
+            usage=self.usage,
+            created_at=self.created_at,
+            cancel_reason=self.cancel_reason,
+            error=self.error,
+        )
 
     # -- public API -----------------------------------------------------
 
@@ -187,24 +232,19 @@ class Turn:
         if was is TurnState.IN_PROGRESS and now is TurnState.CANCELLING:
             self.cancel_reason = reason
             self.buffer.seal()
-            if self._scope is not None:
-                self._scope.cancel(reason=reason)
+            self._scope.cancel(reason=reason)
         return cancel_outcome(now)
 
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         body = self._body
         try:
-            with trio.CancelScope() as scope:
-                self._scope = scope
+            with self._scope as scope:
                 task_status.started()
                 usage = await body.run(self)
         except Exception as exc:
-            if self._fire(TurnInput.FAIL) is TurnState.CANCELLED:
-                self._end_cancelled()
-            else:
+            if self.state is not TurnState.CANCELLING:
                 logger.exception("turn %s failed", self.id)
-                self.error = f"{type(exc).__name__}: {exc}"
-                self._end(lambda: body.failed(self, self.error or "error"))
+            self._end_failed(f"{type(exc).__name__}: {exc}")
             return
         except BaseException:
             # Cancelled from outside our scope (the runtime is going away).
@@ -220,34 +260,56 @@ class Turn:
         await self._finalize(usage)
 
     async def _finalize(self, usage: Usage) -> None:
-        """Charge a finished turn exactly once, then append its terminal event."""
+        """Charge a finished turn exactly once, then append its terminal event.
+
+        Shielded, so a shutdown cannot leave the turn charged-but-unfinished
+        or finished-unpaid; bounded, so a stuck ledger cannot hold shutdown
+        forever. Any failure here ends the turn ``failed`` and unbilled (the
+        record is keyed by response id, so a late write is still unique).
+        """
         assert self.state is TurnState.FINALIZING
-        record = UsageRecord(
-            response_id=self.id,
-            account_id=self.account_id,
-            session_id=self.session_id,
-            model=self.model,
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
-            credits=self._pricing.cost(usage),
-            created_at=time.time(),
-        )
-        # Shielded: once FINALIZING, the turn is committed to completing; a
-        # shutdown must not leave it charged-but-unfinished or finished-unpaid.
-        with trio.CancelScope(shield=True):
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + LEDGER_TIMEOUT
             try:
+                record = UsageRecord(
+                    response_id=self.id,
+                    account_id=self.account_id,
+                    session_id=self.session_id,
+                    model=self.model,
+                    input_tokens=usage.input_tokens,
+                    output_tokens=usage.output_tokens,
+                    credits=self._pricing.cost(usage),
+                    created_at=time.time(),
+                )
                 if self._hook_finalizing is not None:
                     await self._hook_finalizing(self)
                 await self._store.record_usage(record)
             except Exception as exc:
                 logger.exception("turn %s: writing its usage failed", self.id)
-                self._fire(TurnInput.FAIL)
-                self.error = f"billing failed: {type(exc).__name__}: {exc}"
-                self._end(lambda: self._body.failed(self, self.error or "error"))
+                self._end_failed(f"billing failed: {type(exc).__name__}: {exc}")
                 return
+        if scope.cancelled_caught:
+            logger.error("turn %s: the ledger did not answer in %s s", self.id, LEDGER_TIMEOUT)
+            self._end_failed(f"billing failed: the ledger did not answer in {LEDGER_TIMEOUT} s")
+            return
         self._fire(TurnInput.FINALIZED)
         self.usage = usage
         self._end(lambda: self._body.completed(self, usage))
+
+    def _end_failed(self, error: str) -> None:
+        """FAIL: ends ``failed``, or ``cancelled`` if a cancel was accepted first."""
+        if self._fire(TurnInput.FAIL) is TurnState.CANCELLED:
+            self._end_cancelled()
+            return
+        self.error = error
+        self._end(lambda: self._body.failed(self, error))
+
+    def _abort_start(self, exc: BaseException) -> None:
+        """End a turn whose start was refused (credits, closing session)."""
+        if isinstance(exc, AgentRuntimeError):
+            self._end_failed(f"{exc.error_type}: {exc}")
+        else:
+            self._end_failed(f"the turn could not start: {type(exc).__name__}: {exc}")
 
     def _end_cancelled(self, default: str = SHUTDOWN) -> None:
         assert self.state is TurnState.CANCELLED

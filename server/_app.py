@@ -31,6 +31,7 @@ from runtime import (
 
 from ._asgi import Guard
 from ._codec import (
+    entry_json,
     error_json,
     json_response,
     session_json,
@@ -185,7 +186,7 @@ def create_app(
     @app.get("/v1/sessions/<sid>/messages")
     async def history(sid: str) -> Response:
         session = rt.get_session(sid, account_id=g.account_id)
-        return json_response([turn_json(turn) for turn in session.turns])
+        return json_response([entry_json(entry) for entry in session.history()])
 
     @app.get("/v1/sessions/<sid>/responses/<rid>")
     async def get_session_response(sid: str, rid: str) -> Response:

@@ -25,6 +25,7 @@ from runtime import (
 )
 
 if TYPE_CHECKING:
+    from runtime._turn import HistoryEntry
     from runtime._usage import UsageReport, UsageWindow
 
 converter: Final = cattrs.Converter()
@@ -114,26 +115,33 @@ def session_json(session: Session) -> dict[str, Any]:
     }
 
 
-def turn_json(turn: Turn) -> dict[str, Any]:
-    """A turn as a history item / response object (ours)."""
+def entry_json(entry: HistoryEntry) -> dict[str, Any]:
+    """A history item of ``GET /v1/sessions/{id}/messages``."""
     body: dict[str, Any] = {
-        "id": turn.id,
+        "id": entry.id,
+        "status": entry.status,
+        "input": entry.input,
+        "output_text": entry.output_text,
+        "tool_calls": [converter.unstructure(call) for call in entry.tool_calls],
+        "usage": usage_json(entry.usage),
+        "created_at": entry.created_at,
+    }
+    if entry.cancel_reason is not None:
+        body["cancel_reason"] = entry.cancel_reason
+    if entry.error is not None:
+        body["error"] = entry.error
+    return body
+
+
+def turn_json(turn: Turn) -> dict[str, Any]:
+    """A response object (ours): the history item plus where the turn stands."""
+    return {
+        **entry_json(turn.history_entry()),
         "object": "response" if turn.is_stateless else "message",
         "session_id": turn.session_id,
-        "status": turn.status,
         "model": turn.model,
-        "created_at": turn.created_at,
-        "input": turn.input,
-        "output_text": turn.output_text,
-        "tool_calls": [converter.unstructure(call) for call in turn.tool_calls],
-        "usage": usage_json(turn.usage),
         "last_sequence_number": len(turn.buffer) - 1,
     }
-    if turn.cancel_reason is not None:
-        body["cancel_reason"] = turn.cancel_reason
-    if turn.error is not None:
-        body["error"] = turn.error
-    return body
 
 
 def window_json(window: UsageWindow) -> dict[str, Any]:

@@ -230,11 +230,7 @@ async def test_session_history_is_model_context(rt: Runtime, model: FakeModel) -
         ("assistant", "hello world"),
         ("user", "third"),
     ]
-    assert [t.state for t in session.turns] == [
-        TurnState.COMPLETED,
-        TurnState.CANCELLED,
-        TurnState.COMPLETED,
-    ]
+    assert [entry.status for entry in session.history()] == ["completed", "cancelled", "completed"]
 
 
 async def test_session_send_rejects_empty_message(rt: Runtime) -> None:

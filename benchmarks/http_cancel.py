@@ -1,0 +1,212 @@
+"""Cancel latency over HTTP: N concurrent streaming turns, each cancelled mid-stream.
+
+Starts ``agent-runtime serve`` as a subprocess (so the load generator measures
+the server, not itself) and, for each concurrency level, runs N turns at once:
+open the stream, wait a random time, POST the cancel, read to the terminal.
+
+Per turn: time to headers, time to first event, ack (cancel POST -> 202), stop
+(cancel POST sent -> terminal event read on the stream), deltas received
+after the 202 arrived. Prints a table, writes JSON.
+
+    python3 benchmarks/http_cancel.py --levels 1,20,100 --rounds 5 \\
+        --json benchmarks/results/http_cancel.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from embedded_cancel import machine, percentile
+
+KEY = "pk_bench_http"
+
+
+async def one_turn(
+    client: httpx.AsyncClient, cancel_after: float, results: list[dict[str, Any]]
+) -> None:
+    sid = (await client.post("/v1/sessions")).json()["id"]
+    sample: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    async with client.stream(
+        "POST", f"/v1/sessions/{sid}/messages", json={"message": "a 100000-word essay"}
+    ) as response:
+        sample["headers_ms"] = (time.perf_counter() - t0) * 1e3
+        rid = response.headers["X-Response-Id"]
+        chunks = response.aiter_raw()
+        raw = b""
+        async for chunk in chunks:
+            if not raw:
+                sample["first_event_ms"] = (time.perf_counter() - t0) * 1e3
+            raw += chunk
+            if time.perf_counter() - t0 >= cancel_after:
+                break
+        acked_at: list[float] = []
+        after_ack = 0
+        terminal = ""
+
+        async def cancel() -> None:
+            sent = time.perf_counter()
+            sample["cancel_sent"] = sent
+            r = await client.post(f"/v1/sessions/{sid}/responses/{rid}/cancel")
+            acked_at.append(time.perf_counter())
+            sample["ack_ms"] = (acked_at[0] - sent) * 1e3
+            sample["ack_status"] = r.status_code
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cancel)
+            tail = b""
+            async for chunk in chunks:
+                if acked_at:
+                    after_ack += chunk.count(b"event: text.delta")
+                tail += chunk
+                match = re.search(rb"event: (message\.\w+)\n", tail[-300:])
+                if match and match.group(1) != b"message.created":
+                    terminal = match.group(1).decode()
+                    sample["stop_ms"] = (time.perf_counter() - sample["cancel_sent"]) * 1e3
+                    break
+    sample["terminal"] = terminal
+    sample["deltas_after_ack"] = after_ack
+    del sample["cancel_sent"]
+    await client.delete(f"/v1/sessions/{sid}")
+    results.append(sample)
+
+
+async def run_level(
+    url: str, concurrency: int, rounds: int, rng: random.Random
+) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+    limits = httpx.Limits(
+        max_connections=concurrency * 3, max_keepalive_connections=concurrency * 3
+    )
+    headers = {"Authorization": f"Bearer {KEY}"}
+    async with httpx.AsyncClient(
+        base_url=url, headers=headers, timeout=60, limits=limits
+    ) as client:
+        for _ in range(rounds):
+            async with trio.open_nursery() as nursery:
+                for _ in range(concurrency):
+                    nursery.start_soon(one_turn, client, rng.uniform(0.2, 1.0), results)
+    return results
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    data_dir = Path(args.data_dir)
+    server = await trio.lowlevel.open_process(
+        [
+            sys.executable, "-c", "from server._cli import main; raise SystemExit(main())",
+            "serve", "--port", "0", "--data-dir", str(data_dir), "--api-key", KEY,
+            "--demo-tokens-per-second", str(args.tokens_per_second),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    assert server.stdout is not None
+    out = b""
+    while (m := re.search(rb"serving on (http://\S+)", out)) is None:
+        out += await server.stdout.receive_some()
+    url = m.group(1).decode()
+    rng = random.Random(args.seed)
+    levels: dict[str, Any] = {}
+    try:
+        for level in args.levels:
+            cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+            wall0 = time.perf_counter()
+            samples = await run_level(url, level, args.rounds, rng)
+            cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+            wall = time.perf_counter() - wall0
+            client_cpu = (cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime) / wall
+            levels[str(level)] = {"samples": samples, "client_cpu": client_cpu}
+    finally:
+        server.terminate()
+        with trio.move_on_after(10):
+            await server.wait()
+        if server.returncode is None:
+            server.kill()
+            await server.wait()
+    return levels
+
+
+def summarize(samples: list[dict[str, Any]], key: str) -> dict[str, float]:
+    values = [s[key] for s in samples if key in s]
+    return {
+        "p50": percentile(values, 50),
+        "p90": percentile(values, 90),
+        "p99": percentile(values, 99),
+        "max": max(values),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--levels", default="1,20,100", type=lambda s: [int(x) for x in s.split(",")]
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of N turns per level")
+    parser.add_argument("--tokens-per-second", type=float, default=50.0)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--data-dir", default="/tmp/agent-runtime-bench")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    levels = trio.run(main_async, args)
+    console = Console()
+    table = Table(title="HTTP cancel (ms)")
+    for column in (
+        "N", "turns", "headers p50", "first event p50/p99", "ack p50/p99",
+        "stop p50/p99/max", "deltas after 202", "bad", "client CPU",
+    ):  # fmt: skip
+        table.add_column(column, justify="right")
+    report: dict[str, Any] = {"machine": machine(), "args": {**vars(args), "json": str(args.json)}}
+    for level, data in levels.items():
+        samples = data["samples"]
+        summary = {
+            k: summarize(samples, f"{k}_ms") for k in ("headers", "first_event", "ack", "stop")
+        }
+        bad = sum(
+            1 for s in samples if s["terminal"] != "message.cancelled" or s["ack_status"] != 202
+        )
+        after = sum(s["deltas_after_ack"] for s in samples)
+        summary["deltas_after_ack_total"] = after  # type: ignore[assignment]
+        summary["bad"] = bad  # type: ignore[assignment]
+        summary["client_cpu"] = data["client_cpu"]
+        report[level] = {"summary": summary, "samples": samples}
+        cpu = data["client_cpu"]
+        table.add_row(
+            level,
+            str(len(samples)),
+            f"{summary['headers']['p50']:.1f}",
+            f"{summary['first_event']['p50']:.1f}/{summary['first_event']['p99']:.1f}",
+            f"{summary['ack']['p50']:.1f}/{summary['ack']['p99']:.1f}",
+            f"{summary['stop']['p50']:.1f}/{summary['stop']['p99']:.1f}/{summary['stop']['max']:.1f}",
+            str(after),
+            f"[red]{bad}[/red]" if bad else "0",
+            f"[red]{cpu:.0%}[/red]" if cpu > 0.8 else f"{cpu:.0%}",
+        )
+    console.print(table)
+    if any(levels[level]["client_cpu"] > 0.8 for level in levels):
+        console.print("[red]the client used > 80% of a core: it may be the bottleneck[/red]")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

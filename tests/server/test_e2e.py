@@ -1,0 +1,192 @@
+"""End to end: ``agent-runtime serve`` as a subprocess, driven by the seed's
+unchanged example, by curl, and stopped with SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import attrs
+import httpx
+import psutil
+import pytest
+import trio
+
+from .conftest import parse_sse
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+SEED_EXAMPLE = Path(__file__).resolve().parents[3] / "shared" / "seed" / "cancel_example.py"
+KEY = "pk_e2e_carol"
+
+
+@attrs.define
+class Served:
+    process: trio.Process
+    url: str
+    data_dir: Path
+    output: list[str]
+
+
+@asynccontextmanager
+async def run_server(tmp_path: Path, *extra: str) -> AsyncIterator[Served]:
+    """Start ``agent-runtime serve`` on a free port; SIGKILL it if still alive at the end."""
+    data_dir = tmp_path / "data"
+    command = [
+        sys.executable,
+        "-c",
+        "from server._cli import main; raise SystemExit(main())",
+        "serve",
+        "--port",
+        "0",
+        "--data-dir",
+        str(data_dir),
+        "--api-key",
+        KEY,
+        *extra,
+    ]
+    process = await trio.lowlevel.open_process(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    assert process.stdout is not None
+    output: list[str] = []
+    buffer = b""
+    try:
+        with trio.fail_after(15):
+            while (match := re.search(rb"serving on (http://\S+)", buffer)) is None:
+                chunk = await process.stdout.receive_some()
+                assert chunk, f"server exited early: {buffer.decode(errors='replace')}"
+                buffer += chunk
+        output.append(buffer.decode())
+        yield Served(process, match.group(1).decode(), data_dir, output)
+    finally:
+        with trio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.kill()
+            await process.wait()
+            await process.stdout.aclose()
+
+
+async def test_e2e_seed_example_unchanged(tmp_path: Path) -> None:
+    """The seed's cancel example runs unchanged: cancelling msg_…, 202 cancelling, terminal."""
+    async with run_server(tmp_path) as served:
+        env = dict(os.environ, POKEE_API=served.url, POKEE_KEY=KEY)
+        with trio.fail_after(60):
+            result = await trio.run_process(
+                [sys.executable, str(SEED_EXAMPLE)], env=env, capture_stdout=True, check=True
+            )
+        output = result.stdout.decode()
+        # The example prints from two threads; our terminal event arrives so
+        # soon after the 202 that the reader's line can land in the middle of
+        # the main thread's "202 {...}" print. Take that line out first.
+        assert output.count("got cancellation terminal\n") == 1, output
+        lines = output.replace("got cancellation terminal\n", "").splitlines()
+        assert re.fullmatch(r"cancelling (msg_[0-9a-f]{32})", lines[0]), lines
+        rid = lines[0].split()[1]
+        assert lines[1] == f"202 {{'response_id': '{rid}', 'status': 'cancelling'}}", output
+        headers = {"Authorization": f"Bearer {KEY}"}
+        async with httpx.AsyncClient(base_url=served.url, headers=headers, timeout=30) as client:
+            [session] = (await client.get("/v1/sessions")).json()
+            sid = session["id"]
+            again = await client.post(f"/v1/sessions/{sid}/responses/{rid}/cancel")
+            assert (again.status_code, again.json()) == (
+                200,
+                {"response_id": rid, "status": "already_complete"},
+            )
+            usage = (await client.get("/v1/usage")).json()
+            assert rid not in {r["response_id"] for r in usage["records"]}
+            workspace = served.data_dir / "workspaces" / sid
+            assert workspace.is_dir()
+            deleted = await client.delete(f"/v1/sessions/{sid}")
+            assert deleted.status_code == 204
+            assert not workspace.exists()
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+async def test_e2e_curl_quickstart(tmp_path: Path) -> None:
+    """curl: a JSON body with curl's default form content type works; -N streams SSE."""
+    async with run_server(tmp_path, "--demo-tokens-per-second", "0") as served:
+        auth = f"Authorization: Bearer {KEY}"
+        with trio.fail_after(20):
+            created = await trio.run_process(
+                [
+                    "curl",
+                    "-sS",
+                    "-H",
+                    auth,
+                    "-d",
+                    '{"persistent": true}',
+                    f"{served.url}/v1/sessions",
+                ],
+                capture_stdout=True,
+                check=True,
+            )
+            sid = httpx.Response(200, content=created.stdout).json()["id"]
+            streamed = await trio.run_process(
+                [
+                    "curl", "-sSN", "-H", auth, "-d", '{"message": "Write a 12-word essay"}',
+                    f"{served.url}/v1/sessions/{sid}/messages",
+                ],
+                capture_stdout=True,
+                check=True,
+            )  # fmt: skip
+        events = parse_sse(streamed.stdout.decode())
+        assert events[0].event == "message.created"
+        assert events[-1].event == "message.completed"
+        text = "".join(e.data["content"] for e in events if e.event == "text.delta")
+        assert len(text.split()) == 12
+
+
+async def test_e2e_sigterm_drains(tmp_path: Path) -> None:
+    """SIGTERM: the open stream ends message.cancelled(shutdown), unbilled; exit 0 within 5 s."""
+    async with run_server(tmp_path) as served:
+        headers = {"Authorization": f"Bearer {KEY}"}
+        async with httpx.AsyncClient(base_url=served.url, headers=headers, timeout=30) as client:
+            sid = (await client.post("/v1/sessions")).json()["id"]
+            with trio.fail_after(15):
+                async with client.stream(
+                    "POST", f"/v1/sessions/{sid}/messages", json={"message": "a 5000-word essay"}
+                ) as response:
+                    raw = b""
+                    chunks = response.aiter_bytes()
+                    async for chunk in chunks:
+                        raw += chunk
+                        if b"text.delta" in raw:
+                            break
+                    served.process.send_signal(signal.SIGTERM)
+                    started = trio.current_time()
+                    async for chunk in chunks:
+                        raw += chunk
+        events = parse_sse(raw.decode())
+        assert events[-1].event == "message.cancelled"
+        assert events[-1].data["reason"] == "shutdown"
+        assert [e.id for e in events] == list(range(len(events)))
+        with trio.fail_after(5):
+            await served.process.wait()
+        assert served.process.returncode == 0
+        assert trio.current_time() - started < 5
+        # A non-persistent session's workspace is removed on shutdown.
+        assert not (served.data_dir / "workspaces" / sid).exists()
+
+
+async def test_e2e_finished_requests_release_their_sockets(tmp_path: Path) -> None:
+    """200 finished requests on fresh connections do not leave 200 sockets open (STACK-NOTES 1)."""
+    async with run_server(tmp_path) as served:
+        proc = psutil.Process(served.process.pid)
+        baseline = proc.num_fds()
+        with trio.fail_after(60):
+            for _ in range(200):
+                async with httpx.AsyncClient(base_url=served.url) as client:
+                    assert (await client.get("/health")).status_code == 200
+        with trio.fail_after(10):
+            while proc.num_fds() > baseline + 10:  # noqa: ASYNC110  (another process's fds)
+                await trio.sleep(0.05)
+        assert proc.num_fds() <= baseline + 10
