@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from embedded_cancel import machine, percentile
 
 KEY = "pk_bench_http"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 async def one_turn(
@@ -116,7 +117,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=ROOT,
     )  # fmt: skip
     assert server.stdout is not None
     out = b""

@@ -16,8 +16,10 @@ use ``trio.run_process(deliver_cancel=...)`` for this: trio cancels its kill
 routine as soon as the group *leader* exits, which leaves grandchildren alive
 (measured, STACK-NOTES 16).
 
-A process that left the group with ``setsid`` escapes this sweep; the sandbox
-(bubblewrap PID namespace) that closes that gap is a later piece of work.
+A process that left the group with ``setsid`` escapes this sweep (and could
+hold the output pipe open: we stop reading :data:`PIPE_GRACE` after the shell
+exits); the sandbox (a bubblewrap PID namespace) that closes that gap is a
+later piece of work.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ if TYPE_CHECKING:
 
 #: How long the shell gets to exit on SIGTERM before the group is SIGKILLed.
 KILL_GRACE: Final = 0.05
+#: After the shell exits, how long its output pipe may stay open (held by a
+#: process that left the group) before we stop reading.
+PIPE_GRACE: Final = 0.5
 #: How long the sweep waits for SIGKILLed members to die before giving up.
 SWEEP_TIMEOUT: Final = 1.0
 DEFAULT_TIMEOUT: Final = 120.0
@@ -141,6 +146,8 @@ async def run_shell(
     kept = bytearray()
     truncated = False
 
+    drained = trio.Event()
+
     async def drain() -> None:
         nonlocal truncated
         async for chunk in stdout:
@@ -148,6 +155,7 @@ async def run_shell(
             if len(chunk) > room:
                 truncated = True
             kept.extend(chunk[:room])
+        drained.set()
 
     try:
         if on_start is not None:
@@ -159,6 +167,11 @@ async def run_shell(
                 # The shell is done; whatever it left in the background must
                 # not outlive the call (it would also hold the pipe open).
                 _killpg(proc.pid, signal.SIGKILL)
+                # A process that escaped the group (setsid) may still hold the
+                # pipe: read what is in flight, then stop waiting for EOF.
+                with trio.move_on_after(PIPE_GRACE):
+                    await drained.wait()
+                nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(5):
             await _sweep(proc)

@@ -196,6 +196,8 @@ class Runtime:
                 f"unknown model {model!r}; this runtime serves {self.model.name!r}"
             )
         await self.store.get_account(account_id)
+        if self._closing:  # shutdown began while we awaited the store
+            raise ShuttingDown("the runtime is shutting down; no new sessions are accepted")
         sid = new_id("sess")
         session = Session(
             id=sid,
@@ -209,7 +211,11 @@ class Runtime:
             _idle_timeout=self.idle_timeout,
         )
         self._sessions[sid] = session
-        await self._nursery.start(session._run)
+        try:
+            await self._nursery.start(session._run)
+        except BaseException:
+            self._forget_session(session)
+            raise
         return session
 
     def get_session(self, session_id: str, *, account_id: str | None = None) -> Session:

@@ -129,8 +129,7 @@ class ToolBox:
         return ToolOutcome(f"unknown tool {name!r}", is_error=True)
 
     async def _run_shell(self, command: str) -> ToolOutcome:
-        env = dict(os.environ)
-        env["WORKSPACE"] = self.workspace.root
+        env = shell_environment(self.workspace.root)
         result = await run_shell(
             command,
             cwd=self.workspace.root,
@@ -147,6 +146,20 @@ class ToolBox:
         if result.returncode:
             return ToolOutcome(text + f"\n[exit status {result.returncode}]", is_error=True)
         return ToolOutcome(text)
+
+
+#: Variables a tool's shell inherits from ours; nothing else (the server's own
+#: environment holds secrets such as the upstream model's API key).
+INHERITED_ENV: Final = ("PATH", "LANG", "LC_ALL", "TZ")
+
+
+def shell_environment(workspace: str) -> dict[str, str]:
+    """The environment of ``run_shell``: a short allow-list, never our secrets."""
+    env = {name: os.environ[name] for name in INHERITED_ENV if name in os.environ}
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    env["HOME"] = workspace
+    env["WORKSPACE"] = workspace
+    return env
 
 
 def _str_arg(args: dict[str, Any], key: str, default: str | None = None) -> str:

@@ -105,7 +105,17 @@ class Workspace:
                 if create:
                     with contextlib.suppress(FileExistsError):
                         os.mkdir(part, 0o755, dir_fd=fd)
-                next_fd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                try:
+                    next_fd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except NotADirectoryError:
+                    # O_NOFOLLOW|O_DIRECTORY says ENOTDIR for a symlink too:
+                    # tell a link (refused, 403) from a plain file (404).
+                    st = os.stat(part, dir_fd=fd, follow_symlinks=False)
+                    if stat.S_ISLNK(st.st_mode):
+                        raise PathOutsideWorkspace(
+                            f"path component {part!r} is a symbolic link"
+                        ) from None
+                    raise NotFound(f"{part!r} is a file, not a directory") from None
                 os.close(fd)
                 fd = next_fd
             yield fd

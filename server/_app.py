@@ -71,6 +71,9 @@ def create_app(
       ping_interval: seconds between ``: ping`` comments on an idle stream.
     """
     app = QuartTrio(__name__)
+    # Never merge '//' into a 308 redirect: 'files//etc/passwd' must be refused
+    # (403), not redirected to 'files/etc/passwd'.
+    app.url_map.merge_slashes = False
     app.config["RESPONSE_TIMEOUT"] = None  # streams are unbounded; see STACK-NOTES 2
     app.asgi_app = Guard(app.asgi_app, json_limit=json_limit, file_limit=file_limit)  # type: ignore[method-assign]
     rt = runtime
@@ -98,7 +101,11 @@ def create_app(
     async def http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
         name = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
-        return json_response({"error": name, "message": exc.description or name}, status)
+        response = json_response({"error": name, "message": exc.description or name}, status)
+        for header, value in exc.get_headers():
+            if header.lower() != "content-type":
+                response.headers[header] = value  # e.g. Allow on a 405
+        return response
 
     @app.errorhandler(Exception)
     async def bug(exc: Exception) -> Response:
@@ -248,6 +255,11 @@ def create_app(
         return await stream(result, None)
 
     async def stream(turn: Turn, after: int | None) -> Response:
+        if after is not None and after >= len(turn.buffer):
+            # No client can have seen an id that does not exist yet.
+            raise InvalidRequest(
+                f"Last-Event-ID {after} is past the last event ({len(turn.buffer) - 1})"
+            )
         response = Response(
             sse_body(turn, after, ping_interval),
             200,
@@ -321,6 +333,12 @@ async def json_body(*, optional: bool = False) -> dict[str, Any]:
         raise InvalidRequest("the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
+    try:
+        # JSON allows lone surrogates ("\ud800"); UTF-8 does not. Refuse them
+        # here rather than store what can never be sent back.
+        json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise InvalidRequest("the request body has a string that is not valid Unicode") from None
     return body
 
 

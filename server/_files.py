@@ -41,6 +41,8 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     first, last = match.groups()
     if first == "" and last == "":
         raise RangeNotSatisfiable(f"empty Range {header!r}")
+    if size == 0:
+        raise RangeNotSatisfiable(f"Range {header!r} asks for bytes of an empty file")
     if first == "":
         length = int(last)
         if length == 0:

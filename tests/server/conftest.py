@@ -75,7 +75,7 @@ async def open_harness(
                     app,
                     hypercorn_config("127.0.0.1", 0),
                     shutdown_trigger=trio.sleep_forever,
-                )  # type: ignore[arg-type]
+                )
             )
             headers = {"Authorization": f"Bearer {KEY}"}
             async with httpx.AsyncClient(base_url=binds[0], headers=headers, timeout=30) as client:

@@ -281,13 +281,6 @@ async def test_files_range_unsatisfiable_is_416(harness: Harness, header: str) -
     assert TEN not in response.content
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: server/_files.py parse_range returns (0, -1) for a suffix range on an empty "
-        "file, so the answer is 206 with the malformed 'Content-Range: bytes 0--1/0'"
-    ),
-)
 async def test_files_suffix_range_on_empty_file(harness: Harness) -> None:
     """``bytes=-5`` on an empty file -> 416 ``bytes */0`` (or 200), never a bogus 206."""
     with trio.fail_after(10):
@@ -380,14 +373,6 @@ async def test_files_absolute_path_never_leaves_workspace(harness: Harness, suff
     assert b"pwned" not in Path("/etc/passwd").read_bytes()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: werkzeug's merge_slashes answers 'files//etc/passwd' with a 308 HTML redirect "
-        "to 'files/etc/passwd' instead of refusing it (403/404 JSON); server/_app.py "
-        "create_app should set app.url_map.merge_slashes = False"
-    ),
-)
 @pytest.mark.parametrize("suffix", ABSOLUTE_SUFFIXES)
 async def test_files_absolute_path_is_refused_with_json(harness: Harness, suffix: str) -> None:
     """An absolute path after ``files/`` is refused (403/404 JSON), not redirected."""

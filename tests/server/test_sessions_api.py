@@ -201,14 +201,6 @@ async def test_sessions_create_keeps_non_ascii_metadata(harness: Harness) -> Non
     assert fetched.json()["metadata"] == metadata
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: server/_app.py json_body accepts JSON string escapes of lone surrogates "
-        "(\\ud800); the session is created, then json_response cannot encode the record "
-        "as UTF-8: 500, and every later GET /v1/sessions of the account is a 500"
-    ),
-)
 async def test_sessions_create_lone_surrogate_is_400(harness: Harness) -> None:
     """A lone UTF-16 surrogate in a body string -> 400 and no session (the list stays 200)."""
     with trio.fail_after(10):
@@ -221,13 +213,6 @@ async def test_sessions_create_lone_surrogate_is_400(harness: Harness) -> None:
     assert_error(response, 400, "invalid_request")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: server/_app.py json_body accepts a lone surrogate in 'message'; the turn "
-        "starts (model called) and GET /v1/sessions/{id}/messages is then a 500"
-    ),
-)
 async def test_sessions_message_lone_surrogate_is_400(harness: Harness) -> None:
     """A lone surrogate in a message -> 400, no turn; the history stays readable."""
     with trio.fail_after(10):
@@ -689,13 +674,6 @@ async def test_sessions_wrong_method_is_405_json(harness: Harness, method: str, 
     assert_error(response, 405, "method_not_allowed")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: server/_app.py http_error builds a fresh JSON Response and drops the Allow "
-        "header of werkzeug's MethodNotAllowed (RFC 9110 15.5.6: a 405 MUST send Allow)"
-    ),
-)
 async def test_sessions_wrong_method_names_allowed_methods(harness: Harness) -> None:
     """A 405 carries an Allow header listing the route's methods."""
     with trio.fail_after(10):
