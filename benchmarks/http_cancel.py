@@ -93,8 +93,12 @@ async def run_level(
     url: str, concurrency: int, rounds: int, rng: random.Random
 ) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
+    # Expire idle connections before the server's 5 s keep-alive timeout does,
+    # or a request can race the server's close ("disconnected without response").
     limits = httpx.Limits(
-        max_connections=concurrency * 3, max_keepalive_connections=concurrency * 3
+        max_connections=concurrency * 3,
+        max_keepalive_connections=concurrency * 3,
+        keepalive_expiry=2.0,
     )
     headers = {"Authorization": f"Bearer {KEY}"}
     async with httpx.AsyncClient(
@@ -108,6 +112,8 @@ async def run_level(
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    if args.url:
+        return await run_levels(args.url, args)
     data_dir = Path(args.data_dir)
     server = await trio.lowlevel.open_process(
         [
@@ -124,17 +130,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     while (m := re.search(rb"serving on (http://\S+)", out)) is None:
         out += await server.stdout.receive_some()
     url = m.group(1).decode()
-    rng = random.Random(args.seed)
-    levels: dict[str, Any] = {}
     try:
-        for level in args.levels:
-            cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-            wall0 = time.perf_counter()
-            samples = await run_level(url, level, args.rounds, rng)
-            cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-            wall = time.perf_counter() - wall0
-            client_cpu = (cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime) / wall
-            levels[str(level)] = {"samples": samples, "client_cpu": client_cpu}
+        return await run_levels(url, args)
     finally:
         server.terminate()
         with trio.move_on_after(10):
@@ -142,6 +139,19 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         if server.returncode is None:
             server.kill()
             await server.wait()
+
+
+async def run_levels(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    rng = random.Random(args.seed)
+    levels: dict[str, Any] = {}
+    for level in args.levels:
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+        wall0 = time.perf_counter()
+        samples = await run_level(url, level, args.rounds, rng)
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        wall = time.perf_counter() - wall0
+        client_cpu = (cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime) / wall
+        levels[str(level)] = {"samples": samples, "client_cpu": client_cpu}
     return levels
 
 
@@ -165,9 +175,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--data-dir", default="/tmp/agent-runtime-bench")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--url", help=f"measure this running server (its key must be {KEY}) instead of starting one"
+    )
     args = parser.parse_args()
     levels = trio.run(main_async, args)
-    console = Console()
+    console = Console(width=160)
     table = Table(title="HTTP cancel (ms)")
     for column in (
         "N", "turns", "headers p50", "first event p50/p99", "ack p50/p99",

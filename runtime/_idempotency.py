@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 #: How long a key stays bound to its response id.
 KEY_TTL: Final = 24 * 3600.0
 MAX_KEY_LENGTH: Final = 255
+#: Expired bindings are dropped at most this often (amortized in ``run``).
+PURGE_EVERY: Final = 60.0
 
 
 def fingerprint(*parts: str | bytes) -> str:
@@ -66,6 +68,7 @@ class IdempotencyKeys:
 
     ttl: float = KEY_TTL
     _bindings: dict[tuple[str, str], _Binding] = attrs.field(factory=dict, init=False)
+    _purged_at: float = attrs.field(factory=time.time, init=False)
 
     async def run(
         self,
@@ -90,6 +93,8 @@ class IdempotencyKeys:
         if not key or len(key) > MAX_KEY_LENGTH:
             raise InvalidRequest(f"Idempotency-Key must be 1-{MAX_KEY_LENGTH} characters")
         now = time.time()
+        if now - self._purged_at > PURGE_EVERY:
+            self.purge()
         slot = (account_id, key)
         binding = self._bindings.get(slot)
         if binding is not None and now - binding.created_at > self.ttl:
@@ -122,6 +127,7 @@ class IdempotencyKeys:
 
     def purge(self) -> None:
         """Forget bindings older than the ttl."""
-        cutoff = time.time() - self.ttl
-        for slot in [s for s, b in self._bindings.items() if b.created_at < cutoff]:
+        now = time.time()
+        self._purged_at = now
+        for slot in [s for s, b in self._bindings.items() if now - b.created_at > self.ttl]:
             del self._bindings[slot]

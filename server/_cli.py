@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY",
-        help="accept this API key (repeatable); each gets an account. With none, "
+        help="accept this API key (repeatable); each gets an account with 1000 credits. With none, "
         "a key is created and printed once",
     )
     serve.add_argument(
@@ -63,6 +63,14 @@ def _parser() -> argparse.ArgumentParser:
         default=50.0,
         metavar="N",
         help="demo model speed in words per second (default 50)",
+    )
+    serve.add_argument(
+        "--max-upload-bytes",
+        type=int,
+        default=64 * 1024 * 1024,
+        metavar="N",
+        help="largest file upload (PUT .../files/PATH) in bytes (default 64 MiB); JSON "
+        "bodies are limited to 1 MiB",
     )
     serve.add_argument(
         "--grace-seconds",
@@ -127,7 +135,13 @@ async def _serve(args: argparse.Namespace) -> int:
             if created is not None:
                 print(f"API key (shown once, stored only as a hash): {created}", flush=True)
 
-        await serve(rt, host=args.host, port=args.port, on_ready=ready)  # type: ignore[arg-type]
+        await serve(
+            rt,
+            host=args.host,
+            port=args.port,
+            on_ready=ready,
+            file_limit=args.max_upload_bytes,
+        )
     return 0
 
 

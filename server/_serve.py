@@ -18,9 +18,11 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
-from ._app import create_app
+from ._app import FILE_LIMIT, create_app
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from runtime import Runtime
 
 #: Listen backlog: the default of 100 resets connections under bursts
@@ -45,14 +47,19 @@ async def serve(
     *,
     host: str,
     port: int,
-    on_ready: partial[None] | None = None,
+    on_ready: Callable[[list[str]], object] | None = None,
+    file_limit: int = FILE_LIMIT,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``rt`` over HTTP until SIGTERM/SIGINT, then drain and return.
 
+    Args:
+      on_ready: called with the bound URLs once the server listens.
+      file_limit: the largest file upload, in bytes.
+
     Cancellation: cancelling this stops the server at once (no drain).
     """
-    app = create_app(rt)
+    app = create_app(rt, file_limit=file_limit)
     stop = trio.Event()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
