@@ -44,6 +44,7 @@ class EventBuffer:
     _events: list[Event] = attrs.field(factory=list, init=False)
     _lot: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot, init=False)
     _sealed: bool = attrs.field(default=False, init=False)
+    _nudges: int = attrs.field(default=0, init=False)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "sealed" if self._sealed else "open"
@@ -115,9 +116,12 @@ class EventBuffer:
 
     async def read_batch(self, after: int | None = None) -> tuple[Event, ...]:
         """Every event after ``after`` that is appended already, waiting until
-        there is at least one; ``()`` once the buffer is closed and read to the end.
+        there is at least one, or until :meth:`nudge`. Returns ``()`` when
+        nudged, and once the buffer is closed and read to the end (check
+        :attr:`closed` to tell them apart).
 
-        For writers that coalesce (one socket write for many events).
+        For writers that coalesce (one socket write for many events) and send
+        keep-alives when nudged: this wait needs no timeout scope of its own.
 
         Raises:
           InvalidRequest: if ``after`` is below -1.
@@ -126,10 +130,16 @@ class EventBuffer:
         if start < 0:
             raise InvalidRequest(f"after must be >= -1, not {after!r}")
         await trio.lowlevel.checkpoint_if_cancelled()
-        while start >= len(self._events) and not self.closed:
+        nudges = self._nudges
+        while start >= len(self._events) and not self.closed and nudges == self._nudges:
             await self._lot.park()
         await trio.lowlevel.cancel_shielded_checkpoint()
         return tuple(self._events[start:])
+
+    def nudge(self) -> None:
+        """Wake every :meth:`read_batch` waiter with what it has (maybe ``()``)."""
+        self._nudges += 1
+        self._lot.unpark_all()
 
     async def wait_closed(self) -> Event:
         """Wait for the terminal event and return it."""

@@ -295,6 +295,13 @@ class Runtime:
             raise NotFound(f"response {response_id!r} is unknown, or was evicted")
         return turn
 
+    def nudge_readers(self) -> None:
+        """Wake every ``read_batch`` waiter of every running turn (keep-alive
+        ticks: one call wakes all idle streams, no timer per stream)."""
+        for turn in self._turns.values():
+            if turn.state.is_running:
+                turn.buffer.nudge()
+
     def find_turn(self, response_id: str) -> Turn | None:
         """The turn if it is still buffered, else None."""
         return self._turns.get(response_id)

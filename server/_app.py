@@ -75,8 +75,22 @@ def create_app(
     # (403), not redirected to 'files/etc/passwd'.
     app.url_map.merge_slashes = False
     app.config["RESPONSE_TIMEOUT"] = None  # streams are unbounded; see STACK-NOTES 2
+    # The pinger below sleeps forever: cancel it at once when serving stops.
+    app.config["BACKGROUND_TASK_SHUTDOWN_TIMEOUT"] = None
     app.asgi_app = Guard(app.asgi_app, json_limit=json_limit, file_limit=file_limit)  # type: ignore[method-assign]
     rt = runtime
+
+    @app.before_serving
+    async def start_pinger() -> None:
+        async def pinger() -> None:
+            # One ticker for every open stream: idle readers wake and send
+            # ': ping' (at most ``ping_interval`` apart), instead of one
+            # timeout scope per event per stream.
+            while True:
+                await trio.sleep(ping_interval)
+                rt.nudge_readers()
+
+        app.add_background_task(pinger)
 
     @app.before_request
     async def authenticate() -> None:
@@ -261,7 +275,7 @@ def create_app(
                 f"Last-Event-ID {after} is past the last event ({len(turn.buffer) - 1})"
             )
         response = Response(
-            sse_body(turn, after, ping_interval),
+            sse_body(turn, after),
             200,
             {
                 "Content-Type": "text/event-stream",
@@ -282,7 +296,7 @@ def create_app(
     return app
 
 
-async def sse_body(turn: Turn, after: int | None, ping_interval: float) -> AsyncIterator[bytes]:
+async def sse_body(turn: Turn, after: int | None) -> AsyncIterator[bytes]:
     """The turn's events after ``after`` as SSE, coalesced, with idle pings.
 
     This generator is a reader of the turn's buffer: if the client goes away
@@ -290,14 +304,12 @@ async def sse_body(turn: Turn, after: int | None, ping_interval: float) -> Async
     """
     cursor = -1 if after is None else after
     while True:
-        batch: tuple[Any, ...] = ()
-        with trio.move_on_after(ping_interval) as idle:
-            batch = await turn.read_batch(cursor)
-        if idle.cancelled_caught:
-            yield b": ping\n\n"
-            continue
+        batch = await turn.read_batch(cursor)
         if not batch:
-            return
+            if turn.buffer.closed:
+                return
+            yield b": ping\n\n"  # nudged by the pinger: keep the connection alive
+            continue
         yield b"".join(sse_frame(event) for event in batch)
         cursor = batch[-1].sequence_number
         if batch[-1].is_terminal:
