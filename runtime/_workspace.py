@@ -137,23 +137,11 @@ class Workspace:
 
     def read(self, path: str, *, limit: int | None = None) -> bytes:
         """Return the bytes of the regular file ``path`` (at most ``limit``)."""
-        parts = split_path(path)
-        if not parts:
-            raise InvalidRequest(f"{path!r} is a directory")
-        try:
-            with self._open_dir(parts[:-1]) as dir_fd:
-                # O_NONBLOCK: opening a FIFO must not wait for a writer.
-                flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-                fd = os.open(parts[-1], flags, dir_fd=dir_fd)
-            with os.fdopen(fd, "rb") as f:
-                mode = os.fstat(f.fileno()).st_mode
-                if stat.S_ISDIR(mode):
-                    raise InvalidRequest(f"{path!r} is a directory")
-                if not stat.S_ISREG(mode):
-                    raise PathOutsideWorkspace(f"{path!r} is not a regular file")
-                return f.read() if limit is None else f.read(limit)
-        except OSError as exc:
-            raise _refuse(path, exc) from None
+
+        def first(size: int) -> tuple[int, int] | None:
+            return None if limit is None else (0, min(limit, size) - 1)
+
+        return self.read_range(path, first)[0]
 
     def stat(self, path: str) -> FileInfo:
         """The entry ``path`` (not followed if it is a symbolic link)."""
@@ -185,6 +173,7 @@ class Workspace:
             raise InvalidRequest(f"{path!r} is a directory")
         try:
             with self._open_dir(parts[:-1]) as dir_fd:
+                # O_NONBLOCK: opening a FIFO must not wait for a writer.
                 flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
                 fd = os.open(parts[-1], flags, dir_fd=dir_fd)
             with os.fdopen(fd, "rb") as f:

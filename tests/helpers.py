@@ -7,6 +7,7 @@ import os
 from typing import TYPE_CHECKING
 
 import psutil
+import trio
 
 if TYPE_CHECKING:
     from runtime import Event, Turn, TurnState
@@ -42,3 +43,15 @@ def group_gone(pgid: int) -> bool:
             if os.getpgid(proc.pid) == pgid and not process_gone(proc.pid):
                 return False
     return True
+
+
+async def wait_for_children(pids: list[int]) -> list[int]:
+    """Once a shell's pid is in ``pids``, wait until it has forked; return the
+    pids of its descendants. Real processes send no event: this polls (use it
+    under ``trio.fail_after`` with the real clock)."""
+    while True:
+        await trio.sleep(0.01)
+        if pids:
+            children = [p.pid for p in psutil.Process(pids[0]).children(recursive=True)]
+            if children:
+                return children

@@ -422,3 +422,27 @@ async def test_buffer_wait_closed_returns_the_terminal() -> None:
         assert all(r is cancelled for r in results)
         # On a closed buffer it returns at once.
         assert await buf.wait_closed() is cancelled
+
+
+async def test_buffer_nudge_wakes_read_batch_with_nothing() -> None:
+    """nudge() wakes a read_batch waiter with () while the buffer stays open;
+    a waiter that has events gets them, and a closed buffer still ends with ()."""
+    buffer = EventBuffer("msg_n")
+    buffer.append(MessageCreated, id="msg_n", session_id="sess_n")
+    got: list[tuple[Event, ...]] = []
+
+    async def reader() -> None:
+        got.append(await buffer.read_batch(0))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == []
+        buffer.nudge()
+    assert got == [()]
+    assert not buffer.closed
+    assert [e.sequence_number for e in await buffer.read_batch(-1)] == [0]
+    buffer.append(MessageCancelled, id="msg_n", reason="client_cancel")
+    buffer.nudge()
+    assert await buffer.read_batch(1) == ()
+    assert buffer.closed

@@ -6,7 +6,6 @@ import json
 import os
 from pathlib import Path
 
-import psutil
 import pytest
 import trio
 import trio.testing
@@ -27,7 +26,7 @@ from runtime import (
 )
 
 from ..fakes import FakeModel
-from ..helpers import collect, group_gone, process_gone, types
+from ..helpers import collect, group_gone, process_gone, types, wait_for_children
 
 
 async def test_session_record_fields(rt: Runtime) -> None:
@@ -120,12 +119,7 @@ async def test_session_delete_during_tool_call(tmp_path: Path, store: MemoryStor
             rt._for_testing_on_process = pids.append
             session = await rt.create_session()
             turn = await session.send("run it")
-            children: list[int] = []
-            # Real processes: poll until the shell has forked its child.
-            while not children:
-                await trio.sleep(0.01)
-                if pids:
-                    children = [p.pid for p in psutil.Process(pids[0]).children(recursive=True)]
+            children = await wait_for_children(pids)
             await rt.delete_session(session.id)
             [pid] = pids
             assert process_gone(pid)

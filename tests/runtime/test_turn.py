@@ -6,7 +6,6 @@ import json
 from typing import TYPE_CHECKING
 
 import attrs
-import psutil
 import pytest
 import trio
 import trio.testing
@@ -33,7 +32,7 @@ from runtime import (
 )
 
 from ..fakes import FakeModel
-from ..helpers import collect, group_gone, process_gone, state_of, types
+from ..helpers import collect, group_gone, process_gone, state_of, types, wait_for_children
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator
@@ -396,12 +395,7 @@ async def test_turn_cancel_during_tool_call_kills_process_group(
             rt._for_testing_on_process = pids.append
             session = await rt.create_session()
             turn = await session.send("run it")
-            children: list[int] = []
-            # Real processes: poll until the shell has forked its child.
-            while not children:
-                await trio.sleep(0.01)
-                if pids:
-                    children = [p.pid for p in psutil.Process(pids[0]).children(recursive=True)]
+            children = await wait_for_children(pids)
             [pid] = pids
             assert await turn.cancel() is CancelOutcome.CANCELLING
             terminal = await turn.wait_finished()
