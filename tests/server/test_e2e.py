@@ -190,3 +190,46 @@ async def test_e2e_finished_requests_release_their_sockets(tmp_path: Path) -> No
             while proc.num_fds() > baseline + 10:  # noqa: ASYNC110  (another process's fds)
                 await trio.sleep(0.05)
         assert proc.num_fds() <= baseline + 10
+
+
+async def test_e2e_serve_without_key_creates_one(tmp_path: Path) -> None:
+    """With no --api-key, serve prints a new key once, and that key works."""
+    data_dir = tmp_path / "data"
+    command = [
+        sys.executable,
+        "-c",
+        "from server._cli import main; raise SystemExit(main())",
+        "serve",
+        "--port",
+        "0",
+        "--data-dir",
+        str(data_dir),
+    ]
+    process = await trio.lowlevel.open_process(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    assert process.stdout is not None
+    try:
+        buffer = b""
+        with trio.fail_after(15):
+            while b"API key" not in buffer or not buffer.endswith(b"\n"):
+                chunk = await process.stdout.receive_some()
+                assert chunk, buffer
+                buffer += chunk
+        text = buffer.decode()
+        url = re.search(r"serving on (http://\S+)", text)
+        key = re.search(r"API key \(shown once, stored only as a hash\): (pk_local_\S+)", text)
+        assert url is not None, text
+        assert key is not None, text
+        async with httpx.AsyncClient(base_url=url.group(1), timeout=30) as client:
+            ok = await client.get(
+                "/v1/sessions", headers={"Authorization": f"Bearer {key.group(1)}"}
+            )
+            assert (ok.status_code, ok.json()) == (200, [])
+            bad = await client.get("/v1/sessions", headers={"Authorization": "Bearer nope"})
+            assert bad.status_code == 401
+    finally:
+        with trio.CancelScope(shield=True):
+            process.kill()
+            await process.wait()
+            await process.stdout.aclose()
