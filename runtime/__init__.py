@@ -22,6 +22,7 @@ from ._errors import (
     SessionClosed as SessionClosed,
     ShuttingDown as ShuttingDown,
     Unauthorized as Unauthorized,
+    UpstreamError as UpstreamError,
 )
 from ._events import (
     EVENT_TYPES as EVENT_TYPES,
@@ -77,6 +78,7 @@ from ._model import (
     ToolSpec as ToolSpec,
     UsageChunk as UsageChunk,
 )
+from ._openai import OpenAIModel as OpenAIModel
 from ._runtime import Runtime as Runtime, RuntimeStatistics as RuntimeStatistics
 from ._session import Session as Session
 from ._state import CancelOutcome as CancelOutcome, TurnState as TurnState
@@ -125,6 +127,7 @@ __all__ = [
     "ModelChunk",
     "ModelRequest",
     "NotFound",
+    "OpenAIModel",
     "OutOfCredits",
     "OutputMessage",
     "PathOutsideWorkspace",
@@ -172,6 +175,7 @@ __all__ = [
     "Turn",
     "TurnState",
     "Unauthorized",
+    "UpstreamError",
     "Usage",
     "UsageChunk",
     "UsageRecord",

@@ -119,7 +119,7 @@ class AgentLoop:
                     arguments[chunk.call_id].append(chunk.arguments)
                     append(ToolUseInputDelta, content=chunk.arguments)
                 elif isinstance(chunk, UsageChunk):
-                    usage = Usage(chunk.input_tokens, chunk.output_tokens)
+                    usage = Usage(chunk.input_tokens, chunk.output_tokens, chunk.estimated)
         self._enter(turn, None)
         calls = [ToolCallRequest(cid, names[cid], "".join(arguments[cid])) for cid in names]
         return "".join(text), calls, usage

@@ -116,6 +116,18 @@ class Unauthorized(AgentRuntimeError):
     status_hint = 401
 
 
+class UpstreamError(AgentRuntimeError):
+    """Raised by a model when its upstream server fails: unreachable, an error
+    status, a malformed or truncated stream, or silence past the read timeout.
+
+    The turn ends ``message.error`` / ``response.failed``, unbilled. The text
+    names the cause and never the API key.
+    """
+
+    error_type = "upstream_error"
+    status_hint = 502
+
+
 class ShuttingDown(AgentRuntimeError):
     """Raised when a new session or turn is requested while the runtime closes."""
 

@@ -26,6 +26,8 @@ class Usage:
 
     input_tokens: int = attrs.field(default=0, validator=_count)
     output_tokens: int = attrs.field(default=0, validator=_count)
+    #: True when any part was estimated (the upstream sent no usage).
+    estimated: bool = False
 
     @property
     def total_tokens(self) -> int:
@@ -35,6 +37,7 @@ class Usage:
         return Usage(
             self.input_tokens + other.input_tokens,
             self.output_tokens + other.output_tokens,
+            self.estimated or other.estimated,
         )
 
 

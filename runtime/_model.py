@@ -95,6 +95,8 @@ class UsageChunk:
 
     input_tokens: int
     output_tokens: int
+    #: True when the upstream gave no counts and these are estimates.
+    estimated: bool = False
 
 
 ModelChunk = TextChunk | ReasoningChunk | ToolCallStart | ToolCallDelta | UsageChunk

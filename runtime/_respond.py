@@ -109,7 +109,7 @@ class ResponseRound:
                 elif isinstance(chunk, ToolCallDelta):
                     self._arguments(turn, chunk)
                 elif isinstance(chunk, UsageChunk):
-                    usage = Usage(chunk.input_tokens, chunk.output_tokens)
+                    usage = Usage(chunk.input_tokens, chunk.output_tokens, chunk.estimated)
         self._close(turn)
         return usage
 

@@ -102,6 +102,8 @@ class UsageRecord:
     output_tokens: int
     credits: float
     created_at: float
+    #: True when the token counts are estimates (the upstream sent none).
+    estimated: bool = False
 
 
 class Store(Protocol):

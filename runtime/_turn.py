@@ -244,7 +244,10 @@ class Turn:
         except Exception as exc:
             if self.state is not TurnState.CANCELLING:
                 logger.exception("turn %s failed", self.id)
-            self._end_failed(f"{type(exc).__name__}: {exc}")
+            if isinstance(exc, AgentRuntimeError):
+                self._end_failed(f"{exc.error_type}: {exc}")
+            else:
+                self._end_failed(f"{type(exc).__name__}: {exc}")
             return
         except BaseException:
             # Cancelled from outside our scope (the runtime is going away).
@@ -280,6 +283,7 @@ class Turn:
                     output_tokens=usage.output_tokens,
                     credits=self._pricing.cost(usage),
                     created_at=time.time(),
+                    estimated=usage.estimated,
                 )
                 if self._hook_finalizing is not None:
                     await self._hook_finalizing(self)

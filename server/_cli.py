@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import secrets
 import sys
 import tempfile
@@ -17,6 +19,9 @@ from runtime import (
     MessageCancelled,
     MessageCompleted,
     MessageError,
+    Model,
+    OpenAIModel,
+    Pricing,
     Runtime,
     TextDelta,
 )
@@ -55,7 +60,34 @@ def _parser() -> argparse.ArgumentParser:
         "a key is created and printed once",
     )
     serve.add_argument(
-        "--model", default="demo", help="the model: 'demo' (default; a scripted model, no LLM)"
+        "--model",
+        default="demo",
+        help="'demo' (default; a scripted model, no LLM) or 'openai:MODEL' for an "
+        "OpenAI-compatible server (OpenAI, vLLM, llama.cpp, Ollama); its key comes from "
+        "OPENAI_API_KEY (optional for local servers)",
+    )
+    serve.add_argument(
+        "--openai-base-url",
+        default="https://api.openai.com/v1",
+        metavar="URL",
+        help="base URL of the OpenAI-compatible server (default https://api.openai.com/v1; "
+        "vLLM http://127.0.0.1:8000/v1, Ollama http://127.0.0.1:11434/v1, "
+        "llama.cpp http://127.0.0.1:8080/v1)",
+    )
+    serve.add_argument(
+        "--openai-read-timeout",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="fail a turn whose upstream sends nothing for this long (default 120)",
+    )
+    serve.add_argument(
+        "--price",
+        type=float,
+        nargs=2,
+        default=(1.0, 2.0),
+        metavar=("INPUT", "OUTPUT"),
+        help="credits per million input and output tokens of the served model (default 1 2)",
     )
     serve.add_argument(
         "--demo-tokens-per-second",
@@ -111,9 +143,19 @@ def _parser() -> argparse.ArgumentParser:
 async def _serve(args: argparse.Namespace) -> int:
     from ._serve import serve
 
-    if args.model != "demo":
+    model: Model
+    if args.model == "demo":
+        model = DemoModel(tokens_per_second=args.demo_tokens_per_second or None)
+    elif args.model.startswith("openai:") and len(args.model) > len("openai:"):
+        model = OpenAIModel(
+            base_url=args.openai_base_url,
+            model=args.model.removeprefix("openai:"),
+            api_key=os.environ.get("OPENAI_API_KEY") or None,
+            read_timeout=args.openai_read_timeout,
+        )
+    else:
         print(
-            f"agent-runtime: unknown model {args.model!r}; only 'demo' is available",
+            f"agent-runtime: unknown model {args.model!r}; use 'demo' or 'openai:MODEL'",
             file=sys.stderr,
         )
         return 2
@@ -125,10 +167,18 @@ async def _serve(args: argparse.Namespace) -> int:
         keys.append(created)
     for key in keys:
         store.ensure_account_for_key(key)
-    model = DemoModel(tokens_per_second=args.demo_tokens_per_second or None)
-    async with Runtime.open(
-        data_dir=args.data_dir, model=model, store=store, grace_seconds=args.grace_seconds
-    ) as rt:
+    async with contextlib.AsyncExitStack() as stack:
+        if isinstance(model, OpenAIModel):
+            await stack.enter_async_context(model)
+        rt = await stack.enter_async_context(
+            Runtime.open(
+                data_dir=args.data_dir,
+                model=model,
+                store=store,
+                grace_seconds=args.grace_seconds,
+                prices={model.name: Pricing(*args.price)},
+            )
+        )
 
         def ready(binds: list[str]) -> None:
             print(f"agent-runtime serving on {', '.join(binds)}", flush=True)

@@ -31,14 +31,17 @@ if TYPE_CHECKING:
 converter: Final = cattrs.Converter()
 
 
-def usage_json(usage: Usage | None) -> dict[str, int] | None:
+def usage_json(usage: Usage | None) -> dict[str, Any] | None:
     if usage is None:
         return None
-    return {
+    body: dict[str, Any] = {
         "input_tokens": usage.input_tokens,
         "output_tokens": usage.output_tokens,
         "total_tokens": usage.total_tokens,
     }
+    if usage.estimated:
+        body["estimated"] = True
+    return body
 
 
 def item_json(item: OutputMessage | FunctionCall) -> dict[str, Any]:
@@ -168,6 +171,7 @@ def usage_report_json(report: UsageReport) -> dict[str, Any]:
                 "output_tokens": r.output_tokens,
                 "credits": r.credits,
                 "created_at": r.created_at,
+                "estimated": r.estimated,
             }
             for r in report.records
         ],

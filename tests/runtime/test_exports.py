@@ -8,6 +8,7 @@ EXPECTED = {
     "BUILTIN_TOOLS", "DEFAULT_ACCOUNT", "EVENT_TYPES", "SANDBOX_ROOT", "Account",
     "AgentRuntimeError",
     "IdempotencyConflict", "IdempotencyKeys", "Replayed", "Unauthorized",
+    "OpenAIModel", "UpstreamError",
     "UsageReport", "UsageWindow", "fingerprint", "usage_report",
     "CancelOutcome", "ChatMessage", "CreditMode", "DemoModel", "Event",
     "FileInfo", "FunctionCall", "InvalidRequest", "InvalidTransition", "MemoryStore",
