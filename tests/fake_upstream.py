@@ -211,7 +211,8 @@ class FakeUpstream:
     script: list[Response]
     base_url: str = ""
     #: Every request, in arrival order: ``method``, ``path``, ``headers``
-    #: (lowercased names), ``json`` (None if the body is not JSON), ``body``.
+    #: (lowercased names), ``json`` (None if the body is not JSON), ``body``,
+    #: ``at`` (``trio.current_time()`` when it was read).
     requests: list[dict[str, Any]] = attrs.field(factory=list)
     #: Request index -> ``trio.current_time()`` when the client was seen gone.
     disconnected_at: dict[int, float] = attrs.field(factory=dict)
@@ -434,6 +435,7 @@ async def _read_request(stream: trio.SocketStream) -> dict[str, Any] | None:
         "headers": headers,
         "json": parsed,
         "body": body,
+        "at": trio.current_time(),
     }
 
 

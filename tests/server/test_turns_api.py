@@ -553,6 +553,7 @@ async def test_usage_completed_turn_has_one_record_in_report(harness: Harness) -
         "input_tokens": 3,
         "output_tokens": 2,
         "credits": DEFAULT_COST,
+        "estimated": False,
     }
 
 
