@@ -187,6 +187,8 @@ class OpenAIModel:
                         and delay <= MAX_RETRY_AFTER
                     ):
                         detail = (await resp.aread())[:300].decode("utf-8", "replace")
+                        if self.api_key:  # some upstreams echo the key they refuse
+                            detail = detail.replace(self.api_key, "[redacted]")
                         raise UpstreamError(f"upstream answered HTTP {resp.status_code}: {detail}")
                     if resp.status_code < 400:
                         async with contextlib.aclosing(self._chunks(resp, request)) as chunks:
@@ -218,36 +220,51 @@ class OpenAIModel:
         usage: dict[str, Any] | None = None
         done = False
         produced = 0
-        async for line in resp.aiter_lines():
-            if not line.startswith("data:"):
-                continue  # blank separators, comments, event:/id: lines
-            data = line[5:].strip()
-            if data == "[DONE]":
-                done = True
-                break
-            try:
-                obj = json.loads(data)
-            except ValueError:
-                raise UpstreamError(f"malformed chunk from the upstream: {data[:100]!r}") from None
-            if not isinstance(obj, dict):
-                raise UpstreamError(f"malformed chunk from the upstream: {data[:100]!r}")
-            if obj.get("error"):
-                raise UpstreamError(f"the upstream reported an error: {obj['error']!r:.300}")
-            if isinstance(obj.get("usage"), dict):
-                usage = obj["usage"]
-            for choice in obj.get("choices") or ():
-                delta = choice.get("delta") or {}
-                reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-                if isinstance(reasoning, str) and reasoning:
-                    yield ReasoningChunk(reasoning)
-                content = delta.get("content")
-                if isinstance(content, str) and content:
-                    produced += len(content)
-                    yield TextChunk(content)
-                for fragment in delta.get("tool_calls") or ():
-                    for chunk in self._tool_fragment(calls, fragment):
-                        produced += len(getattr(chunk, "arguments", ""))
-                        yield chunk
+        lines = resp.aiter_lines()
+        try:
+            async for line in lines:
+                if done:
+                    continue  # read to the end, so the connection can be reused
+                if not line.startswith("data:"):
+                    continue  # blank separators, comments, event:/id: lines
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    done = True
+                    continue
+                try:
+                    obj = json.loads(data)
+                except ValueError:
+                    raise UpstreamError(
+                        f"malformed chunk from the upstream: {data[:100]!r}"
+                    ) from None
+                if not isinstance(obj, dict):
+                    raise UpstreamError(f"malformed chunk from the upstream: {data[:100]!r}")
+                if obj.get("error"):
+                    raise UpstreamError(f"the upstream reported an error: {obj['error']!r:.300}")
+                if isinstance(obj.get("usage"), dict):
+                    usage = obj["usage"]
+                for choice in obj.get("choices") or ():
+                    delta = choice.get("delta") or {}
+                    reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                    if isinstance(reasoning, str) and reasoning:
+                        yield ReasoningChunk(reasoning)
+                    content = delta.get("content")
+                    if isinstance(content, str) and content:
+                        produced += len(content)
+                        yield TextChunk(content)
+                    for fragment in delta.get("tool_calls") or ():
+                        for chunk in self._tool_fragment(calls, fragment):
+                            produced += len(getattr(chunk, "arguments", ""))
+                            yield chunk
+        finally:
+            # httpx reads through nine nested async generators. Leaving them
+            # half-read (an error, an early close) lets them be garbage
+            # collected unfinished; finishing them inside a cancelled scope
+            # raises Cancelled at the innermost read and unwinds every layer.
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                async for _ in lines:
+                    pass
         if not done:
             raise UpstreamError("the upstream stream ended without [DONE]")
         for pending in calls.values():

@@ -9,8 +9,10 @@ input token, 2 per output token), so billing shows.
 
 from __future__ import annotations
 
+import gc
 import json
 import socket
+import warnings
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final, cast
 
@@ -18,6 +20,7 @@ import pytest
 import trio
 
 from runtime import OpenAIModel
+from runtime._buffer import EventBuffer
 
 from ..fake_upstream import (
     Hang,
@@ -54,6 +57,8 @@ TIMEOUT: Final = 10
 SECRET: Final = "sk-secret-123"
 #: "hello world" with usage 11 in / 4 out.
 GOOD: Final = Stream(chunks=[text("hello "), text("world"), finish("stop"), usage(11, 4)])
+#: trio's warning for an httpx/httpcore async generator collected half-read.
+ABANDONED: Final = "Async generator 'http"
 TEXT_TYPES: Final = [
     "message.created",
     "text.start",
@@ -224,6 +229,42 @@ async def test_openai_tool_call_round_trip(tmp_path: Path) -> None:
     assert tool == {"role": "tool", "tool_call_id": "call_1", "content": result["content"]}
 
 
+async def test_openai_parallel_tool_calls_interleaved(tmp_path: Path) -> None:
+    """Two tool calls whose fragments interleave (by index) both run, in order; the
+    next request carries both calls and both results."""
+    step1 = Stream(
+        chunks=[
+            tool_start(0, "call_a", "write_file"),
+            tool_start(1, "call_b", "write_file"),
+            tool_args(0, '{"path": "a.txt", '),
+            tool_args(1, '{"path": "b.txt", '),
+            tool_args(1, '"content": "B"}'),
+            tool_args(0, '"content": "A"}'),
+            finish("tool_calls"),
+            usage(1, 1),
+        ]
+    )
+    step2 = Stream(chunks=[text("ok"), usage(1, 1)])
+    with trio.fail_after(TIMEOUT):
+        async with open_stack(tmp_path, [step1, step2]) as (harness, up):
+            sid, _, events = await send(harness)
+            workspace = harness.rt.data_dir / "workspaces" / sid
+            written = {name: (workspace / name).read_text() for name in ("a.txt", "b.txt")}
+    assert written == {"a.txt": "A", "b.txt": "B"}
+    executing = [e.data for e in events if e.event == "tool_use.executing"]
+    assert [(e["id"], e["input"]) for e in executing] == [
+        ("call_a", {"path": "a.txt", "content": "A"}),
+        ("call_b", {"path": "b.txt", "content": "B"}),
+    ]
+    assert events[-1].event == "message.completed"
+    messages = up.requests[1]["json"]["messages"]
+    assert [c["id"] for c in messages[1]["tool_calls"]] == ["call_a", "call_b"]
+    assert [(m["role"], m["tool_call_id"]) for m in messages[2:]] == [
+        ("tool", "call_a"),
+        ("tool", "call_b"),
+    ]
+
+
 async def test_openai_reasoning_content_becomes_thinking(tmp_path: Path) -> None:
     """reasoning_content deltas become a thinking block before the text block."""
     script: list[Response] = [
@@ -262,10 +303,21 @@ async def test_openai_without_usage_chunk_bills_an_estimate(tmp_path: Path) -> N
 # -- cancel -------------------------------------------------------------------------
 
 
-async def test_openai_cancel_mid_stream_closes_the_upstream_connection(tmp_path: Path) -> None:
+async def test_openai_cancel_mid_stream_closes_the_upstream_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Cancel of an endless upstream stream: 202, message.cancelled, the upstream sees
-    the disconnect within a second, nothing billed, no event after the cancel but the
-    terminal."""
+    the disconnect within a second, nothing billed, no event after the cancel was
+    accepted but the terminal."""
+    # A spy on the moment of acceptance: the buffer is sealed then, synchronously.
+    at_seal: dict[str, int] = {}
+    seal = EventBuffer.seal
+
+    def spy(self: EventBuffer) -> None:
+        at_seal.setdefault(self.response_id, len(self))
+        seal(self)
+
+    monkeypatch.setattr(EventBuffer, "seal", spy)
     with trio.fail_after(TIMEOUT):
         async with open_stack(tmp_path, [Stream.endless(delay=0.01)]) as (harness, up):
             sid = await new_session(harness.client)
@@ -274,11 +326,9 @@ async def test_openai_cancel_mid_stream_closes_the_upstream_connection(tmp_path:
                 rid = r.headers["X-Response-Id"]
                 stream = SSEStream.of(r)
                 await stream.until("text.delta")
+                await stream.until("text.delta")
                 cancel = await harness.client.post(turn_url(sid, rid, "/cancel"))
-                # The buffer was sealed when the cancel was accepted: what it
-                # holds now is all but the terminal event.
-                accepted = len(harness.rt.get_turn(rid).buffer)
-                rest = await stream.rest()
+                await stream.rest()
             with trio.fail_after(1):
                 await up.wait_disconnected(0)
             sent = up.chunks_sent[0]
@@ -292,11 +342,11 @@ async def test_openai_cancel_mid_stream_closes_the_upstream_connection(tmp_path:
     assert_contiguous(events)
     assert events[-1].event == "message.cancelled"
     assert events[-1].data["reason"] == "client_cancel"
-    assert [e.event for e in events[accepted:]] == ["message.cancelled"]
-    assert "text.delta" not in types(rest[-1:])
+    assert [e.event for e in events[at_seal[rid] :]] == ["message.cancelled"]
+    assert set(types(events[:-1])) == {"message.created", "text.start", "text.delta"}
     assert body["status"] == "cancelled"
     assert body["output_text"] == "".join(deltas(events))
-    assert len(deltas(events)) <= sent
+    assert 2 <= len(deltas(events)) <= sent
     assert len(up.requests) == 1
 
 
@@ -315,6 +365,33 @@ async def test_openai_stateless_cancel_closes_the_upstream_connection(tmp_path: 
             await assert_unbilled(harness)
     assert cancel.status_code == 202
     assert stream.events[-1].event == "response.cancelled"
+
+
+@pytest.mark.parametrize("case", ["no headers", "retry wait"])
+async def test_openai_cancel_before_the_first_token(tmp_path: Path, case: str) -> None:
+    """A cancel while the upstream has not answered, or while the model waits to
+    retry a 429 (Retry-After: 20), lands at once: message.cancelled, no retry."""
+    scripts: dict[str, list[Response]] = {
+        "no headers": [Hang()],
+        "retry wait": [Status(code=429, headers={"Retry-After": "20"}), GOOD],
+    }
+    script = scripts[case]
+    with trio.fail_after(TIMEOUT):
+        async with open_stack(tmp_path, script) as (harness, up):
+            sid = await new_session(harness.client)
+            url = messages_url(sid)
+            async with harness.client.stream("POST", url, json={"message": "go"}) as r:
+                rid = r.headers["X-Response-Id"]
+                await up.wait_requests(1)
+                cancel = await harness.client.post(turn_url(sid, rid, "/cancel"))
+                events = await SSEStream.of(r).rest()
+            if case == "no headers":
+                with trio.fail_after(1):
+                    await up.wait_disconnected(0)
+            await assert_unbilled(harness)
+    assert cancel.status_code == 202
+    assert types(events) == ["message.created", "message.cancelled"]
+    assert len(up.requests) == 1
 
 
 # -- retries --------------------------------------------------------------------------
@@ -361,6 +438,16 @@ async def test_openai_429_every_try_fails_the_turn(tmp_path: Path) -> None:
     assert len(up.requests) == 3
 
 
+async def test_openai_long_retry_after_is_not_waited_for(tmp_path: Path) -> None:
+    """A 429 asking for an hour's wait fails the turn at once instead of sleeping."""
+    script: list[Response] = [Status(code=429, headers={"Retry-After": "3600"}), GOOD]
+    with trio.fail_after(TIMEOUT):
+        async with open_stack(tmp_path, script) as (harness, up):
+            _, _, events = await send(harness)
+    assert "429" in assert_upstream_error(events)
+    assert len(up.requests) == 1
+
+
 async def test_openai_no_retry_once_output_streamed(tmp_path: Path) -> None:
     """A stream that resets after its first text fails the turn; it is not retried."""
     script: list[Response] = [
@@ -396,9 +483,7 @@ async def test_openai_unreachable_upstream_fails_the_turn(tmp_path: Path) -> Non
     # The port is closed again: connecting is refused.
     with trio.fail_after(TIMEOUT):
         async with (
-            OpenAIModel(
-                base_url=f"http://127.0.0.1:{port}/v1", model="fake", max_tries=1
-            ) as model,
+            OpenAIModel(base_url=f"http://127.0.0.1:{port}/v1", model="fake", max_tries=1) as model,
             open_harness(tmp_path, cast("FakeModel", model)) as harness,
         ):
             _, _, events = await send(harness)
@@ -534,4 +619,42 @@ async def test_openai_stateless_failure_is_response_failed(
     failed = events[-1]
     assert failed.event == "response.failed"
     assert failed.data["response"]["status"] == "failed"
-    assert "upstream_error" in failed.data["response"]["error"]
+    assert "upstream_error" in failed.data["response"]["error"]["message"]
+
+
+# -- resources ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "done",
+        "malformed",
+        "cancel",
+    ],
+)
+async def test_openai_leaves_no_half_read_httpx_generators(tmp_path: Path, case: str) -> None:
+    """However a stream ends (at [DONE], on a bad chunk, by cancel), every httpx
+    generator is finished: none is left for the garbage collector to warn about."""
+    scripts: dict[str, list[Response]] = {
+        "done": [GOOD],
+        "malformed": [Stream(chunks=[text("a"), raw(b"data: {nope\n\n")])],
+        "cancel": [Stream.endless(delay=0.01)],
+    }
+    script = scripts[case]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with trio.fail_after(TIMEOUT):
+            async with open_stack(tmp_path, script) as (harness, _):
+                sid = await new_session(harness.client)
+                url = messages_url(sid)
+                async with harness.client.stream("POST", url, json={"message": "hi"}) as r:
+                    stream = SSEStream.of(r)
+                    if case == "cancel":
+                        await stream.until("text.delta")
+                        rid = r.headers["X-Response-Id"]
+                        await harness.client.post(turn_url(sid, rid, "/cancel"))
+                    await stream.rest()
+                gc.collect()
+    abandoned = [str(w.message) for w in caught if str(w.message).startswith(ABANDONED)]
+    assert abandoned == []
