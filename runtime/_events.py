@@ -183,6 +183,17 @@ class FunctionCall:
 OutputItem = OutputMessage | FunctionCall
 
 
+@attrs.frozen(kw_only=True)
+class ResponseOptions:
+    """What a stateless request asked for, echoed in its response object."""
+
+    instructions: str | None = None
+    tools: tuple[Any, ...] = ()  # ToolSpec; Any avoids an import cycle
+    tool_choice: str | None = None
+    max_output_tokens: int | None = None
+    metadata: dict[str, str] = attrs.field(factory=dict)
+
+
 @attrs.frozen
 class ResponseSnapshot:
     """The state of a stateless response at the time of an event."""
@@ -195,6 +206,7 @@ class ResponseSnapshot:
     usage: Usage | None = None
     error: str | None = None
     cancel_reason: str | None = None
+    options: ResponseOptions = attrs.field(factory=ResponseOptions)
 
     @property
     def output_text(self) -> str:

@@ -57,6 +57,9 @@ class ModelRequest:
     messages: tuple[ChatMessage, ...]
     tools: tuple[ToolSpec, ...] = ()
     max_output_tokens: int | None = None
+    #: ``"auto"`` (or None), ``"none"``, ``"required"``, or the name of the one
+    #: function the model must call.
+    tool_choice: str | None = None
 
 
 @attrs.frozen

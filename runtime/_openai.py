@@ -158,6 +158,14 @@ class OpenAIModel:
             payload["tools"] = [_tool_json(t) for t in request.tools]
         if request.max_output_tokens is not None:
             payload["max_tokens"] = request.max_output_tokens
+        if request.tools and request.tool_choice is not None:
+            if request.tool_choice in ("auto", "none", "required"):
+                payload["tool_choice"] = request.tool_choice
+            else:
+                payload["tool_choice"] = {
+                    "type": "function",
+                    "function": {"name": request.tool_choice},
+                }
         return payload
 
     async def stream(self, request: ModelRequest) -> AsyncGenerator[ModelChunk, None]:

@@ -33,6 +33,7 @@ from ._events import (
     ResponseFunctionCallArgumentsDelta,
     ResponseFunctionCallArgumentsDone,
     ResponseInProgress,
+    ResponseOptions,
     ResponseOutputItemAdded,
     ResponseOutputItemDone,
     ResponseOutputTextDelta,
@@ -60,6 +61,7 @@ class ResponseRound:
     messages: tuple[ChatMessage, ...]
     tools: tuple[ToolSpec, ...] = ()
     max_output_tokens: int | None = None
+    options: ResponseOptions = attrs.field(factory=ResponseOptions)
     #: Output items so far; the last one may still be open.
     output: list[OutputItem] = attrs.field(factory=list, init=False)
     _open: bool = attrs.field(default=False, init=False)
@@ -87,6 +89,7 @@ class ResponseRound:
             usage=usage,
             error=error,
             cancel_reason=cancel_reason,
+            options=self.options,
         )
 
     def begin(self, turn: Turn) -> None:
@@ -94,8 +97,12 @@ class ResponseRound:
         turn.buffer.append(ResponseInProgress, response=self.snapshot(turn, "in_progress"))
 
     async def run(self, turn: Turn) -> Usage:
+        tool_choice = self.options.tool_choice
         request = ModelRequest(
-            messages=self.messages, tools=self.tools, max_output_tokens=self.max_output_tokens
+            messages=self.messages,
+            tools=() if tool_choice == "none" else self.tools,
+            max_output_tokens=self.max_output_tokens,
+            tool_choice=None if tool_choice == "none" else tool_choice,
         )
         usage = Usage()
         async with contextlib.aclosing(self.model.stream(request)) as stream:

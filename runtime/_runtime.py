@@ -28,6 +28,7 @@ import trio
 
 from ._demo import DemoModel
 from ._errors import InvalidRequest, NotFound, ShuttingDown
+from ._events import ResponseOptions
 from ._idempotency import IdempotencyKeys
 from ._ids import new_id
 from ._model import ChatMessage, ToolSpec
@@ -313,6 +314,8 @@ class Runtime:
         tools: Sequence[ToolSpec] = (),
         instructions: str | None = None,
         max_output_tokens: int | None = None,
+        tool_choice: str | None = None,
+        metadata: Mapping[str, str] | None = None,
         account_id: str = DEFAULT_ACCOUNT,
     ) -> Turn:
         """Start a stateless turn: one model round trip, no session, no agent loop.
@@ -354,6 +357,13 @@ class Runtime:
                 messages=messages,
                 tools=tuple(tools),
                 max_output_tokens=max_output_tokens,
+                options=ResponseOptions(
+                    instructions=instructions,
+                    tools=tuple(tools),
+                    tool_choice=tool_choice,
+                    max_output_tokens=max_output_tokens,
+                    metadata=dict(metadata or {}),
+                ),
             ),
             on_finished=self._running_stateless.discard,
         )

@@ -34,6 +34,7 @@ import trio
 
 from ._buffer import EventBuffer
 from ._errors import AgentRuntimeError, NotFound
+from ._events import ResponseSnapshot
 from ._state import CancelOutcome, TurnInput, TurnState, cancel_outcome, next_state
 from ._store import UsageRecord
 
@@ -158,6 +159,22 @@ class Turn:
         # A list, not ``+=`` on an attribute: that copies the whole answer
         # for every delta (quadratic in the length of the turn).
         self._text.append(text)
+
+    def response_snapshot(self) -> ResponseSnapshot:
+        """A stateless turn's response object as it stands (final once ended).
+
+        Raises:
+          TypeError: for a session turn.
+        """
+        terminal = self.buffer.terminal
+        snapshot = getattr(terminal, "response", None)
+        if isinstance(snapshot, ResponseSnapshot):
+            return snapshot
+        make = getattr(self._body, "snapshot", None)
+        if make is None:
+            raise TypeError(f"{self!r} is a session turn; it has no response object")
+        result: ResponseSnapshot = make(self, self.status)
+        return result
 
     def history_entry(self) -> HistoryEntry:
         """The turn as an item of its session's history."""

@@ -40,6 +40,7 @@ from ._codec import (
     usage_report_json,
 )
 from ._files import files_blueprint
+from ._openai_wire import parse_request, response_object
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -194,15 +195,36 @@ def create_app(
     @app.post("/v1/responses")
     async def post_response() -> Response:
         body = await json_body()
-        text = field(body, "input", str, None)
-        if text is None:
-            raise InvalidRequest("'input' (a string) is required")
+        req = parse_request(body)
+        if req.model is not None and req.model != rt.model.name:
+            raise InvalidRequest(
+                f"unknown model {req.model!r}; this server serves {rt.model.name!r}"
+            )
         account_id = g.account_id
 
         async def start() -> Turn:
-            return await rt.respond(text, account_id=account_id)
+            return await rt.respond(
+                req.messages,
+                tools=req.tools,
+                instructions=req.instructions,
+                max_output_tokens=req.max_output_tokens,
+                tool_choice=req.tool_choice,
+                metadata=req.metadata,
+                account_id=account_id,
+            )
 
-        return await start_stream(body, start)
+        if req.stream:
+            return await start_stream(body, start)
+        # Not streamed: wait for the end and answer the Response object. The
+        # turn belongs to the runtime: a client that goes away does not stop
+        # it, and it stays retrievable (and cancellable) by id meanwhile.
+        result = await start_turn(body, start)
+        if isinstance(result, Replayed):
+            return replayed(result)
+        await result.wait_finished()
+        response = json_response(response_object(result.response_snapshot()))
+        response.headers["X-Response-Id"] = result.id
+        return response
 
     @app.get("/v1/sessions/<sid>/messages")
     async def history(sid: str) -> Response:
@@ -215,7 +237,7 @@ def create_app(
 
     @app.get("/v1/responses/<rid>")
     async def get_response(rid: str) -> Response:
-        return json_response(turn_json(stateless_turn(rid)))
+        return json_response(response_object(stateless_turn(rid).response_snapshot()))
 
     @app.get("/v1/sessions/<sid>/responses/<rid>/events")
     async def resume_session(sid: str, rid: str) -> Response:
@@ -253,19 +275,27 @@ def create_app(
             raise NotFound(f"response {rid!r} is not a stateless response")
         return turn
 
-    async def start_stream(body: dict[str, Any], start: Any) -> Response:
+    async def start_turn(body: dict[str, Any], start: Any) -> Turn | Replayed:
+        """Start the turn, through the request's Idempotency-Key if it has one."""
         key = request.headers.get("Idempotency-Key")
         if key is None:
-            return await stream(await start(), None)
+            turn: Turn = await start()
+            return turn
         # The fingerprint is (session, body): the path names the session.
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
-        result = await rt.idempotency.run(
+        return await rt.idempotency.run(
             g.account_id, key, fingerprint(request.path, canonical), start, rt.find_turn
         )
+
+    def replayed(result: Replayed) -> Response:
+        return json_response(
+            {"response_id": result.response_id, "status": "replayed", "note": REPLAYED_NOTE}
+        )
+
+    async def start_stream(body: dict[str, Any], start: Any) -> Response:
+        result = await start_turn(body, start)
         if isinstance(result, Replayed):
-            return json_response(
-                {"response_id": result.response_id, "status": "replayed", "note": REPLAYED_NOTE}
-            )
+            return replayed(result)
         return await stream(result, None)
 
     async def stream(turn: Turn, after: int | None) -> Response:

@@ -88,6 +88,10 @@ converter.register_unstructure_hook(ResponseSnapshot, snapshot_json)
 
 def event_json(event: Event) -> dict[str, Any]:
     """The ``data`` of an event: its type, sequence number, response id and payload."""
+    if event.type.startswith("response."):
+        from ._openai_wire import response_event
+
+        return response_event(event)
     data: dict[str, Any] = {"type": event.type}
     for field in attrs.fields(type(event)):
         data[field.name] = converter.unstructure(getattr(event, field.name))

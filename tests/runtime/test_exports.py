@@ -8,7 +8,7 @@ EXPECTED = {
     "BUILTIN_TOOLS", "DEFAULT_ACCOUNT", "EVENT_TYPES", "SANDBOX_ROOT", "Account",
     "AgentRuntimeError",
     "IdempotencyConflict", "IdempotencyKeys", "Replayed", "Unauthorized",
-    "OpenAIModel", "UpstreamError",
+    "OpenAIModel", "UpstreamError", "ResponseOptions",
     "UsageReport", "UsageWindow", "fingerprint", "usage_report",
     "CancelOutcome", "ChatMessage", "CreditMode", "DemoModel", "Event",
     "FileInfo", "FunctionCall", "InvalidRequest", "InvalidTransition", "MemoryStore",

@@ -354,7 +354,9 @@ async def test_openai_stateless_cancel_closes_the_upstream_connection(tmp_path: 
     """POST /v1/responses/{rid}/cancel: response.cancelled and the upstream sees it."""
     with trio.fail_after(TIMEOUT):
         async with open_stack(tmp_path, [Stream.endless(delay=0.01)]) as (harness, up):
-            async with harness.client.stream("POST", "/v1/responses", json={"input": "go"}) as r:
+            async with harness.client.stream(
+                "POST", "/v1/responses", json={"input": "go", "stream": True}
+            ) as r:
                 rid = r.headers["X-Response-Id"]
                 stream = SSEStream.of(r)
                 await stream.until("response.output_text.delta")
@@ -549,7 +551,9 @@ async def test_openai_api_key_never_in_events(tmp_path: Path, script: list[Respo
             rid = response.headers["X-Response-Id"]
             looked_up = await harness.client.get(turn_url(sid, rid))
             history = await harness.client.get(messages_url(sid))
-            stateless = await harness.client.post("/v1/responses", json={"input": "hi"})
+            stateless = await harness.client.post(
+                "/v1/responses", json={"input": "hi", "stream": True}
+            )
     assert up.requests[0]["headers"]["authorization"] == f"Bearer {SECRET}"
     for body in (response.text, looked_up.text, history.text, stateless.text):
         assert SECRET not in body
@@ -576,7 +580,9 @@ async def test_openai_stateless_response_streams_to_completed(tmp_path: Path) ->
     no tools are offered."""
     with trio.fail_after(TIMEOUT):
         async with open_stack(tmp_path, [GOOD]) as (harness, up):
-            response = await harness.client.post("/v1/responses", json={"input": "hi"})
+            response = await harness.client.post(
+                "/v1/responses", json={"input": "hi", "stream": True}
+            )
             records = await harness.store.usage_records(harness.account)
     assert response.status_code == 200
     events = parse_sse(response.text)
@@ -590,6 +596,8 @@ async def test_openai_stateless_response_streams_to_completed(tmp_path: Path) ->
     assert completed.event == "response.completed"
     assert completed.data["response"]["output_text"] == "hello world"
     assert completed.data["response"]["usage"] == {
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": 0},
         "input_tokens": 11,
         "output_tokens": 4,
         "total_tokens": 15,
@@ -612,7 +620,9 @@ async def test_openai_stateless_failure_is_response_failed(
     """An upstream failure ends a stateless turn response.failed with upstream_error."""
     with trio.fail_after(TIMEOUT):
         async with open_stack(tmp_path, script) as (harness, _):
-            response = await harness.client.post("/v1/responses", json={"input": "hi"})
+            response = await harness.client.post(
+                "/v1/responses", json={"input": "hi", "stream": True}
+            )
             await assert_unbilled(harness)
     events = parse_sse(response.text)
     assert_contiguous(events)

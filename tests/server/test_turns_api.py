@@ -376,7 +376,7 @@ async def test_messages_out_of_credits_is_402(harness: Harness) -> None:
         sid = await new_session(harness.client)
         response = await harness.client.post(messages_url(sid), json={"message": "hi"})
         assert_error(response, 402, "out_of_credits")
-        stateless = await harness.client.post("/v1/responses", json={"input": "hi"})
+        stateless = await harness.client.post("/v1/responses", json={"input": "hi", "stream": True})
         assert_error(stateless, 402, "out_of_credits")
         state = await session_state(harness, sid)
     assert state["busy"] is False
@@ -774,7 +774,7 @@ async def test_idempotency_key_with_other_body_or_session_is_422(harness: Harnes
             messages_url(other_sid), json={"message": "hi"}, headers=headers
         )
         stateless = await harness.client.post(
-            "/v1/responses", json={"input": "hi"}, headers=headers
+            "/v1/responses", json={"input": "hi", "stream": True}, headers=headers
         )
         # Keys are per account: another account may use the same key.
         async with harness.client_for(OTHER_KEY) as other:
@@ -930,7 +930,9 @@ async def test_idempotency_bad_key_is_400(harness: Harness, key: str) -> None:
 async def test_responses_stream_created_to_completed(harness: Harness) -> None:
     """POST /v1/responses streams response.* from response.created (id = rid) to completed."""
     with trio.fail_after(TIMEOUT):
-        async with harness.client.stream("POST", "/v1/responses", json={"input": "hi"}) as r:
+        async with harness.client.stream(
+            "POST", "/v1/responses", json={"input": "hi", "stream": True}
+        ) as r:
             assert r.status_code == 200
             assert r.headers["Content-Type"].startswith("text/event-stream")
             rid = r.headers["X-Response-Id"]
@@ -953,6 +955,8 @@ async def test_responses_stream_created_to_completed(harness: Harness) -> None:
     assert completed.data["response"]["status"] == "completed"
     assert completed.data["response"]["output_text"] == "hello world"
     assert completed.data["response"]["usage"] == {
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": 0},
         "input_tokens": 3,
         "output_tokens": 2,
         "total_tokens": 5,
@@ -969,7 +973,9 @@ async def test_responses_cancel_mid_stream(harness: Harness) -> None:
     """POST /v1/responses/{rid}/cancel: 202, stream ends response.cancelled, unbilled."""
     script(harness, [TextChunk("part"), "block", TextChunk("never"), UsageChunk(1, 1)])
     with trio.fail_after(TIMEOUT):
-        async with harness.client.stream("POST", "/v1/responses", json={"input": "hi"}) as r:
+        async with harness.client.stream(
+            "POST", "/v1/responses", json={"input": "hi", "stream": True}
+        ) as r:
             rid = r.headers["X-Response-Id"]
             stream = SSEStream.of(r)
             await stream.until("response.output_text.delta")
@@ -1005,9 +1011,9 @@ async def test_responses_and_session_rids_do_not_cross(harness: Harness) -> None
         msg = (await harness.client.post(messages_url(sid), json={"message": "hi"})).headers[
             "X-Response-Id"
         ]
-        resp = (await harness.client.post("/v1/responses", json={"input": "hi"})).headers[
-            "X-Response-Id"
-        ]
+        resp = (
+            await harness.client.post("/v1/responses", json={"input": "hi", "stream": True})
+        ).headers["X-Response-Id"]
         responses = [
             await harness.client.get(f"/v1/responses/{msg}"),
             await harness.client.get(f"/v1/responses/{msg}/events"),
@@ -1027,9 +1033,15 @@ async def test_responses_idempotency_key_replays(harness: Harness) -> None:
     """A streamed /v1/responses retried with its key replays the same response."""
     headers = {"Idempotency-Key": "key-stateless"}
     with trio.fail_after(TIMEOUT):
-        first = await harness.client.post("/v1/responses", json={"input": "hi"}, headers=headers)
-        again = await harness.client.post("/v1/responses", json={"input": "hi"}, headers=headers)
-        other = await harness.client.post("/v1/responses", json={"input": "yo"}, headers=headers)
+        first = await harness.client.post(
+            "/v1/responses", json={"input": "hi", "stream": True}, headers=headers
+        )
+        again = await harness.client.post(
+            "/v1/responses", json={"input": "hi", "stream": True}, headers=headers
+        )
+        other = await harness.client.post(
+            "/v1/responses", json={"input": "yo", "stream": True}, headers=headers
+        )
     assert first.status_code == again.status_code == 200
     assert again.headers["X-Response-Id"] == first.headers["X-Response-Id"]
     assert parse_sse(again.text) == parse_sse(first.text)
@@ -1038,11 +1050,6 @@ async def test_responses_idempotency_key_replays(harness: Harness) -> None:
     assert len(await harness.store.usage_records(harness.account)) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: POST /v1/responses ignores 'stream'; DESIGN: OpenAI-compatible, "
-    "stream defaults to false (a JSON response object)",
-)
 async def test_responses_stream_false_returns_json(harness: Harness) -> None:
     """POST /v1/responses with "stream": false answers the response object as JSON."""
     with trio.fail_after(TIMEOUT):
@@ -1053,10 +1060,6 @@ async def test_responses_stream_false_returns_json(harness: Harness) -> None:
     assert (body["object"], body["status"]) == ("response", "completed")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: POST /v1/responses accepts only a string 'input'; DESIGN: string or item array",
-)
 async def test_responses_input_item_array_is_accepted(harness: Harness) -> None:
     """POST /v1/responses accepts ``input`` as an array of message items."""
     body = {"input": [{"role": "user", "content": "hi"}], "stream": True}
@@ -1066,10 +1069,6 @@ async def test_responses_input_item_array_is_accepted(harness: Harness) -> None:
     assert parse_sse(response.text)[-1].event == "response.completed"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: POST /v1/responses drops 'tools'; DESIGN: client-defined function tools",
-)
 async def test_responses_tools_reach_the_model(harness: Harness) -> None:
     """Flat function tools in the body are offered to the model."""
     tool = {"type": "function", "name": "lookup", "parameters": {"type": "object"}}
