@@ -84,19 +84,25 @@ class RawClient:
         return status, bytes(buf[:length])
 
 
-async def one_turn(client: RawClient, cancel_after: float, results: list[dict[str, Any]]) -> None:
+async def one_turn(
+    client: RawClient, cancel_after: float, results: list[dict[str, Any]], stateless: bool
+) -> None:
     control = await client.connect()
     sample: dict[str, Any] = {}
     try:
-        _, body = await client.call(control, "POST", "/v1/sessions", b"{}")
-        sid = json.loads(body)["id"]
+        if stateless:
+            sid = None
+            start_path = "/v1/responses"
+            start_body = b'{"input": "a 100000-word essay", "stream": true}'
+        else:
+            _, body = await client.call(control, "POST", "/v1/sessions", b"{}")
+            sid = json.loads(body)["id"]
+            start_path = f"/v1/sessions/{sid}/messages"
+            start_body = b'{"message": "a 100000-word essay"}'
+        delta_event = b"event: response.output_text.delta" if stateless else b"event: text.delta"
         stream = await client.connect()
         t0 = time.perf_counter()
-        await stream.send_all(
-            client.request(
-                "POST", f"/v1/sessions/{sid}/messages", b'{"message": "a 100000-word essay"}'
-            )
-        )
+        await stream.send_all(client.request("POST", start_path, start_body))
         buf = bytearray()
         _, headers = await client.read_head(stream, buf)
         sample["headers_ms"] = (time.perf_counter() - t0) * 1e3
@@ -115,7 +121,11 @@ async def one_turn(client: RawClient, cancel_after: float, results: list[dict[st
             sent = time.perf_counter()
             sample["cancel_sent"] = sent
             status, _ = await client.call(
-                control, "POST", f"/v1/sessions/{sid}/responses/{rid}/cancel"
+                control,
+                "POST",
+                f"/v1/responses/{rid}/cancel"
+                if stateless
+                else f"/v1/sessions/{sid}/responses/{rid}/cancel",
             )
             sample["ack_ms"] = (time.perf_counter() - sent) * 1e3
             sample["ack_status"] = status
@@ -130,9 +140,11 @@ async def one_turn(client: RawClient, cancel_after: float, results: list[dict[st
                 if not chunk:
                     break
                 if acked.is_set():
-                    after_ack += chunk.count(b"event: text.delta")
+                    after_ack += chunk.count(delta_event)
                 tail = tail[-64:] + chunk
-                match = re.search(rb"event: (message\.(?:cancelled|completed|error))\n", tail)
+                match = re.search(
+                    rb"event: ((?:message|response)\.(?:cancelled|completed|error|failed))\n", tail
+                )
                 if match:
                     terminal = match.group(1).decode()
                     sample["stop_ms"] = (time.perf_counter() - sample["cancel_sent"]) * 1e3
@@ -140,14 +152,15 @@ async def one_turn(client: RawClient, cancel_after: float, results: list[dict[st
         sample["terminal"] = terminal
         sample["deltas_after_ack"] = after_ack
         del sample["cancel_sent"]
-        await client.call(control, "DELETE", f"/v1/sessions/{sid}")
+        if sid is not None:
+            await client.call(control, "DELETE", f"/v1/sessions/{sid}")
     finally:
         await control.aclose()
     results.append(sample)
 
 
 async def run_level(
-    url: str, concurrency: int, rounds: int, rng: random.Random
+    url: str, concurrency: int, rounds: int, rng: random.Random, stateless: bool
 ) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     host, port = url.split("//")[1].split(":")
@@ -155,7 +168,7 @@ async def run_level(
     for _ in range(rounds):
         async with trio.open_nursery() as nursery:
             for _ in range(concurrency):
-                nursery.start_soon(one_turn, client, rng.uniform(0.2, 1.0), results)
+                nursery.start_soon(one_turn, client, rng.uniform(0.2, 1.0), results, stateless)
     return results
 
 
@@ -195,7 +208,7 @@ async def run_levels(url: str, args: argparse.Namespace) -> dict[str, Any]:
     for level in args.levels:
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         wall0 = time.perf_counter()
-        samples = await run_level(url, level, args.rounds, rng)
+        samples = await run_level(url, level, args.rounds, rng, args.stateless)
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         wall = time.perf_counter() - wall0
         client_cpu = (cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime) / wall
@@ -224,6 +237,9 @@ def main() -> None:
     parser.add_argument("--data-dir", default="/tmp/agent-runtime-bench")
     parser.add_argument("--json", type=Path)
     parser.add_argument(
+        "--stateless", action="store_true", help="stream POST /v1/responses instead of sessions"
+    )
+    parser.add_argument(
         "--url", help=f"measure this running server (its key must be {KEY}) instead of starting one"
     )
     args = parser.parse_args()
@@ -241,9 +257,8 @@ def main() -> None:
         summary = {
             k: summarize(samples, f"{k}_ms") for k in ("headers", "first_event", "ack", "stop")
         }
-        bad = sum(
-            1 for s in samples if s["terminal"] != "message.cancelled" or s["ack_status"] != 202
-        )
+        expected = "response.cancelled" if args.stateless else "message.cancelled"
+        bad = sum(1 for s in samples if s["terminal"] != expected or s["ack_status"] != 202)
         after = sum(s["deltas_after_ack"] for s in samples)
         summary["deltas_after_ack_total"] = after  # type: ignore[assignment]
         summary["bad"] = bad  # type: ignore[assignment]
