@@ -131,8 +131,8 @@ async def test_sdk_malformed_input_is_400(demo: Harness) -> None:
     """A malformed input item is 400 with our {"error", "message"} body."""
 
     def run(client: openai.OpenAI) -> openai.BadRequestError:
+        bad: Any = [{"type": "nonsense"}]
         with pytest.raises(openai.BadRequestError) as info:
-            bad: Any = [{"type": "nonsense"}]
             client.responses.create(model="demo", input=bad)
         return info.value
 

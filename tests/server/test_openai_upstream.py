@@ -668,3 +668,63 @@ async def test_openai_leaves_no_half_read_httpx_generators(tmp_path: Path, case:
                 gc.collect()
     abandoned = [str(w.message) for w in caught if str(w.message).startswith(ABANDONED)]
     assert abandoned == []
+
+
+async def test_openai_stateless_function_call_round_trip(tmp_path: Path) -> None:
+    """Client tools reach the upstream as chat-completions tools; its tool call comes back
+    as a function_call item; a function_call_output continues the conversation."""
+    call = Stream(
+        chunks=[
+            tool_start(0, "call_w", "get_weather"),
+            tool_args(0, '{"city": '),
+            tool_args(0, '"Paris"}'),
+            finish("tool_calls"),
+            usage(20, 6),
+        ]
+    )
+    answer = Stream(chunks=[text("It is sunny."), finish("stop"), usage(30, 4)])
+    tool = {
+        "type": "function",
+        "name": "get_weather",
+        "description": "Weather by city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    }
+    with trio.fail_after(TIMEOUT):
+        async with open_stack(tmp_path, [call, answer]) as (harness, up):
+            first = await harness.client.post(
+                "/v1/responses",
+                json={"input": "weather?", "tools": [tool], "tool_choice": "required"},
+            )
+            [item] = [i for i in first.json()["output"] if i["type"] == "function_call"]
+            second = await harness.client.post(
+                "/v1/responses",
+                json={
+                    "tools": [tool],
+                    "input": [
+                        {"role": "user", "content": "weather?"},
+                        {k: item[k] for k in ("type", "call_id", "name", "arguments")},
+                        {"type": "function_call_output", "call_id": "call_w", "output": "sunny"},
+                    ],
+                },
+            )
+    assert (item["call_id"], item["name"], item["status"]) == ("call_w", "get_weather", "completed")
+    assert json.loads(item["arguments"]) == {"city": "Paris"}
+    assert second.json()["output_text"] == "It is sunny."
+    sent_first, sent_second = (r["json"] for r in up.chat_requests())
+    assert sent_first["tools"] == [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather by city",
+                "parameters": tool["parameters"],
+            },
+        }
+    ]
+    assert sent_first["tool_choice"] == "required"
+    assert sent_second["messages"][1]["tool_calls"][0]["id"] == "call_w"
+    assert sent_second["messages"][2] == {
+        "role": "tool",
+        "tool_call_id": "call_w",
+        "content": "sunny",
+    }
