@@ -78,7 +78,13 @@ def create_app(
     app.config["RESPONSE_TIMEOUT"] = None  # streams are unbounded; see STACK-NOTES 2
     # The pinger below sleeps forever: cancel it at once when serving stops.
     app.config["BACKGROUND_TASK_SHUTDOWN_TIMEOUT"] = None
-    app.asgi_app = Guard(app.asgi_app, json_limit=json_limit, file_limit=file_limit)  # type: ignore[method-assign]
+    app.asgi_app = Guard(  # type: ignore[method-assign]
+        app.asgi_app,
+        json_limit=json_limit,
+        file_limit=file_limit,
+        authenticate=runtime.store.authenticate,
+        closing=lambda: runtime.closing,
+    )
     rt = runtime
 
     @app.before_serving

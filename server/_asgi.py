@@ -4,6 +4,9 @@
   upload. The guard reads the request body itself, up to the route's limit,
   and answers 413 (closing the connection) the moment it is exceeded; the app
   then gets the body from memory.
+* Authentication first: a ``/v1`` request whose key is missing or unknown is
+  answered 401 before its body is read, so nobody without a key can make the
+  server buffer an upload.
 * Finished connections: quart-trio cancels the request's nursery right after
   the last ``send``, which cancels hypercorn's own close of the response.
   Sending the final body chunk shielded (and bounded) lets it complete, so a
@@ -18,7 +21,11 @@ from typing import TYPE_CHECKING, Any, Final, final
 import attrs
 import trio
 
+from runtime import Unauthorized
+
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from hypercorn.typing import ASGIFramework, ASGIReceiveEvent, ASGISendEvent
 
 #: Bound on the shielded final send: a client that stopped reading cannot
@@ -34,11 +41,34 @@ class Guard:
     app: ASGIFramework
     json_limit: int
     file_limit: int
+    #: Returns the account of an API key or raises (``Store.authenticate``).
+    authenticate: Callable[[str], Awaitable[str]] | None = None
+    #: True once the runtime is shutting down (then /v1 answers 503 at once).
+    closing: Callable[[], bool] | None = None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if self.closing is not None and self.closing() and scope["path"].startswith("/v1"):
+            await _refuse(send, 503, "shutting_down", "the server is shutting down")
+            return
+        if self.authenticate is not None and scope["path"].startswith("/v1"):
+            header = next((v for n, v in scope["headers"] if n == b"authorization"), b"")
+            scheme, _, key = header.decode("latin-1").partition(" ")
+            try:
+                if scheme.lower() != "bearer" or not key.strip():
+                    raise Unauthorized("missing API key")
+                await self.authenticate(key.strip())
+            except Unauthorized:
+                await _refuse(
+                    send,
+                    401,
+                    "unauthorized",
+                    "missing or unknown API key; send 'Authorization: Bearer KEY'",
+                    [(b"www-authenticate", b"Bearer")],
+                )
+                return
         is_upload = scope["method"] == "PUT" and "/files/" in scope["path"]
         limit = self.file_limit if is_upload else self.json_limit
         for name, value in scope["headers"]:
@@ -85,7 +115,13 @@ async def _too_large(send: Any, limit: int) -> None:
     await _refuse(send, 413, "too_large", f"request body over the limit of {limit} bytes")
 
 
-async def _refuse(send: Any, status: int, error: str, message: str) -> None:
+async def _refuse(
+    send: Any,
+    status: int,
+    error: str,
+    message: str,
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
     body = json.dumps({"error": error, "message": message}).encode()
     await send(
         {
@@ -95,6 +131,7 @@ async def _refuse(send: Any, status: int, error: str, message: str) -> None:
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
                 (b"connection", b"close"),
+                *(extra_headers or []),
             ],
         }
     )

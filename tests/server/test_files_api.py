@@ -621,3 +621,21 @@ async def test_files_need_a_key(harness: Harness) -> None:
     assert put.status_code == 401
     assert listing.status_code == 401
     assert os.listdir(workspace_of(harness, sid)) == []
+
+
+async def test_files_unauthenticated_upload_refused_before_its_body(harness: Harness) -> None:
+    """A PUT with no valid key gets 401 at once: the server never waits for the body."""
+    host, port = harness.base_url.removeprefix("http://").split(":")
+    with trio.fail_after(5):
+        stream = await trio.open_tcp_stream(host, int(port))
+        async with stream:
+            await stream.send_all(
+                b"PUT /v1/sessions/sess_x/files/big.bin HTTP/1.1\r\nHost: t\r\n"
+                b"Authorization: Bearer nope\r\nContent-Length: 50000000\r\n\r\n"
+            )
+            reply = b""
+            while b"\r\n\r\n" not in reply:
+                chunk = await stream.receive_some()
+                assert chunk
+                reply += chunk
+    assert reply.startswith(b"HTTP/1.1 401")
