@@ -37,8 +37,13 @@ class Served:
 
 
 @asynccontextmanager
-async def run_server(tmp_path: Path, *extra: str) -> AsyncIterator[Served]:
-    """Start ``agent-runtime serve`` on a free port; SIGKILL it if still alive at the end."""
+async def run_server(
+    tmp_path: Path, *extra: str, api_key: str | None = KEY
+) -> AsyncIterator[Served]:
+    """Start ``agent-runtime serve`` on a free port; SIGKILL it if still alive at the end.
+
+    With ``api_key=None`` it starts with no key and waits for the one it prints too.
+    """
     data_dir = tmp_path / "data"
     command = [
         sys.executable,
@@ -49,10 +54,10 @@ async def run_server(tmp_path: Path, *extra: str) -> AsyncIterator[Served]:
         "0",
         "--data-dir",
         str(data_dir),
-        "--api-key",
-        KEY,
+        *(["--api-key", api_key] if api_key is not None else []),
         *extra,
     ]
+    ready = rb"serving on (http://\S+)" if api_key else rb"serving on (http://\S+)\n.*API key.*\n"
     process = await trio.lowlevel.open_process(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
@@ -61,7 +66,7 @@ async def run_server(tmp_path: Path, *extra: str) -> AsyncIterator[Served]:
     buffer = b""
     try:
         with trio.fail_after(15):
-            while (match := re.search(rb"serving on (http://\S+)", buffer)) is None:
+            while (match := re.search(ready, buffer)) is None:
                 chunk = await process.stdout.receive_some()
                 assert chunk, f"server exited early: {buffer.decode(errors='replace')}"
                 buffer += chunk
@@ -194,42 +199,14 @@ async def test_e2e_finished_requests_release_their_sockets(tmp_path: Path) -> No
 
 async def test_e2e_serve_without_key_creates_one(tmp_path: Path) -> None:
     """With no --api-key, serve prints a new key once, and that key works."""
-    data_dir = tmp_path / "data"
-    command = [
-        sys.executable,
-        "-c",
-        "from server._cli import main; raise SystemExit(main())",
-        "serve",
-        "--port",
-        "0",
-        "--data-dir",
-        str(data_dir),
-    ]
-    process = await trio.lowlevel.open_process(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    assert process.stdout is not None
-    try:
-        buffer = b""
-        with trio.fail_after(15):
-            while b"API key" not in buffer or not buffer.endswith(b"\n"):
-                chunk = await process.stdout.receive_some()
-                assert chunk, buffer
-                buffer += chunk
-        text = buffer.decode()
-        url = re.search(r"serving on (http://\S+)", text)
+    async with run_server(tmp_path, api_key=None) as served:
+        [text] = served.output
         key = re.search(r"API key \(shown once, stored only as a hash\): (pk_local_\S+)", text)
-        assert url is not None, text
         assert key is not None, text
-        async with httpx.AsyncClient(base_url=url.group(1), timeout=30) as client:
-            ok = await client.get(
-                "/v1/sessions", headers={"Authorization": f"Bearer {key.group(1)}"}
-            )
+        assert text.count(key.group(1)) == 1
+        async with httpx.AsyncClient(base_url=served.url, timeout=30) as client:
+            headers = {"Authorization": f"Bearer {key.group(1)}"}
+            ok = await client.get("/v1/sessions", headers=headers)
             assert (ok.status_code, ok.json()) == (200, [])
             bad = await client.get("/v1/sessions", headers={"Authorization": "Bearer nope"})
             assert bad.status_code == 401
-    finally:
-        with trio.CancelScope(shield=True):
-            process.kill()
-            await process.wait()
-            await process.stdout.aclose()
