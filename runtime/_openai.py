@@ -89,6 +89,8 @@ def _retry_after(response: httpx.Response) -> float | None:
 @attrs.define
 class _PendingCall:
     call_id: str
+    #: True while the id is ours (the upstream has not sent one yet).
+    synthetic: bool = False
     name: str = ""
     started: bool = False
     buffered: list[str] = attrs.field(factory=list)
@@ -189,7 +191,7 @@ class OpenAIModel:
                         retry_after = _retry_after(resp)
                         if retry_after is not None:
                             delay = retry_after
-                    if resp.status_code >= 400 and not (
+                    if resp.status_code >= 300 and not (
                         resp.status_code in RETRY_STATUSES
                         and attempt < self.max_tries
                         and delay <= MAX_RETRY_AFTER
@@ -198,7 +200,7 @@ class OpenAIModel:
                         if self.api_key:  # some upstreams echo the key they refuse
                             detail = detail.replace(self.api_key, "[redacted]")
                         raise UpstreamError(f"upstream answered HTTP {resp.status_code}: {detail}")
-                    if resp.status_code < 400:
+                    if resp.status_code < 300:
                         async with contextlib.aclosing(self._chunks(resp, request)) as chunks:
                             async for chunk in chunks:
                                 yield chunk
@@ -206,9 +208,10 @@ class OpenAIModel:
                     # A retryable status: leaving the block closes this response.
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 if attempt == self.max_tries:
+                    # Not the URL: it is internal, and may carry credentials.
                     raise UpstreamError(
-                        f"could not connect to {self.base_url} after {attempt} tries: "
-                        f"{type(exc).__name__}"
+                        f"could not connect to the upstream after {attempt} tries "
+                        f"({type(exc).__name__})"
                     ) from None
             except httpx.ReadTimeout:
                 raise UpstreamError(
@@ -224,21 +227,21 @@ class OpenAIModel:
     async def _chunks(
         self, resp: httpx.Response, request: ModelRequest
     ) -> AsyncGenerator[ModelChunk, None]:
-        calls: dict[int, _PendingCall] = {}
+        calls: dict[Any, _PendingCall] = {}
         usage: dict[str, Any] | None = None
         done = False
         produced = 0
         lines = resp.aiter_lines()
         try:
             async for line in lines:
-                if done:
-                    continue  # read to the end, so the connection can be reused
                 if not line.startswith("data:"):
                     continue  # blank separators, comments, event:/id: lines
                 data = line[5:].strip()
                 if data == "[DONE]":
+                    # Stop here: an upstream (or proxy) may keep the body open
+                    # after [DONE]; the finally below closes the connection.
                     done = True
-                    continue
+                    break
                 try:
                     obj = json.loads(data)
                 except ValueError:
@@ -252,7 +255,11 @@ class OpenAIModel:
                 if isinstance(obj.get("usage"), dict):
                     usage = obj["usage"]
                 for choice in obj.get("choices") or ():
-                    delta = choice.get("delta") or {}
+                    delta = choice.get("delta") if isinstance(choice, dict) else "?"
+                    if delta is None:
+                        delta = {}
+                    if not isinstance(delta, dict):
+                        raise UpstreamError(f"malformed chunk from the upstream: {data[:100]!r}")
                     reasoning = delta.get("reasoning_content") or delta.get("reasoning")
                     if isinstance(reasoning, str) and reasoning:
                         yield ReasoningChunk(reasoning)
@@ -283,28 +290,49 @@ class OpenAIModel:
         yield self._usage(usage, request, produced)
 
     @staticmethod
-    def _tool_fragment(calls: dict[int, _PendingCall], fragment: Any) -> list[ModelChunk]:
+    def _tool_fragment(calls: dict[Any, _PendingCall], fragment: Any) -> list[ModelChunk]:
+        """Assemble one streamed tool-call fragment.
+
+        Servers differ: the name may come in pieces, the id may come late,
+        and some send whole calls without ``index`` (a new ``id`` is then a
+        new call). A call is announced (``ToolCallStart``) only once its
+        arguments begin (or at the end of the stream), so its name is whole.
+        """
         if not isinstance(fragment, dict):
             raise UpstreamError(f"malformed tool call fragment: {fragment!r:.100}")
-        index = fragment.get("index", 0)
         function = fragment.get("function") or {}
-        pending = calls.get(index)
+        if not isinstance(function, dict):
+            raise UpstreamError(f"malformed tool call fragment: {fragment!r:.100}")
+        call_id = fragment.get("id") if isinstance(fragment.get("id"), str) else None
+        key: Any = fragment.get("index")
+        last = next(reversed(calls.values()), None)
+        if key is None:
+            key = ("id", call_id) if call_id and (last is None or last.call_id != call_id) else None
+            if key is None:
+                key = next(reversed(calls), ("id", "call_0"))
+        pending = calls.get(key)
+        if pending is not None and call_id and pending.started and call_id != pending.call_id:
+            key = ("id", call_id)  # another call reusing the index
+            pending = calls.get(key)
         if pending is None:
-            pending = calls[index] = _PendingCall(fragment.get("id") or f"call_{index}")
-        if function.get("name"):
-            pending.name += function["name"]
-        out: list[ModelChunk] = []
-        if not pending.started and pending.name:
-            pending.started = True
-            out.append(ToolCallStart(pending.call_id, pending.name))
-            out.extend(ToolCallDelta(pending.call_id, part) for part in pending.buffered)
-            pending.buffered.clear()
+            pending = calls[key] = _PendingCall(
+                call_id or f"call_{len(calls)}", synthetic=not call_id
+            )
+        elif call_id and pending.synthetic and not pending.started:
+            pending.call_id, pending.synthetic = call_id, False
+        name = function.get("name")
+        if isinstance(name, str) and name and not pending.started:
+            pending.name += name
         arguments = function.get("arguments")
         if isinstance(arguments, str) and arguments:
-            if pending.started:
-                out.append(ToolCallDelta(pending.call_id, arguments))
-            else:
-                pending.buffered.append(arguments)
+            pending.buffered.append(arguments)
+        out: list[ModelChunk] = []
+        if pending.buffered and pending.name and not pending.started:
+            pending.started = True
+            out.append(ToolCallStart(pending.call_id, pending.name))
+        if pending.started:
+            out.extend(ToolCallDelta(pending.call_id, part) for part in pending.buffered)
+            pending.buffered.clear()
         return out
 
     @staticmethod

@@ -48,6 +48,8 @@ if TYPE_CHECKING:
     from ._turn import TurnBody
 
 DEFAULT_GRACE: Final = 120.0
+#: Longest session ttl accepted (about 31 years; also keeps float() finite).
+MAX_TTL: Final = 1e9
 #: How long shutdown waits for turns to unwind before cancelling everything.
 SHUTDOWN_TIMEOUT: Final = 10.0
 _FREE: Final = Pricing(0.0, 0.0)
@@ -188,7 +190,7 @@ class Runtime:
         """
         if self._closing:
             raise ShuttingDown("the runtime is shutting down; no new sessions are accepted")
-        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < math.inf:
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl <= MAX_TTL:
             raise InvalidRequest(f"ttl must be a positive number of seconds, not {ttl!r}")
         if metadata is not None and not isinstance(metadata, dict):
             raise InvalidRequest(f"metadata must be an object, not {metadata!r}")

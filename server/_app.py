@@ -76,6 +76,7 @@ def create_app(
     # (403), not redirected to 'files/etc/passwd'.
     app.url_map.merge_slashes = False
     app.config["RESPONSE_TIMEOUT"] = None  # streams are unbounded; see STACK-NOTES 2
+    app.config["MAX_CONTENT_LENGTH"] = None  # the Guard enforces the body limits
     # The pinger below sleeps forever: cancel it at once when serving stops.
     app.config["BACKGROUND_TASK_SHUTDOWN_TIMEOUT"] = None
     app.asgi_app = Guard(  # type: ignore[method-assign]
@@ -376,7 +377,7 @@ async def json_body(*, optional: bool = False) -> dict[str, Any]:
             return {}
         raise InvalidRequest("the request body must be a JSON object")
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_refuse_constant)
     except (ValueError, RecursionError):
         raise InvalidRequest("the request body is not valid JSON") from None
     if not isinstance(body, dict):
@@ -388,6 +389,11 @@ async def json_body(*, optional: bool = False) -> dict[str, Any]:
     except UnicodeEncodeError:
         raise InvalidRequest("the request body has a string that is not valid Unicode") from None
     return body
+
+
+def _refuse_constant(name: str) -> Any:
+    """NaN and Infinity are not JSON: refuse them rather than echo them back."""
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def field(body: dict[str, Any], name: str, kind: Any, default: Any) -> Any:

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import TYPE_CHECKING, Any, Final, final
 
 import attrs
@@ -28,9 +29,11 @@ if TYPE_CHECKING:
 
     from hypercorn.typing import ASGIFramework, ASGIReceiveEvent, ASGISendEvent
 
-#: Bound on the shielded final send: a client that stopped reading cannot
-#: hold a task forever.
+#: Bound on the shielded final send. Only partly effective: hypercorn shields
+#: its own socket write too, so a client that stopped reading can still hold
+#: that write (STACK-NOTES 4); shutdown handles that by exiting.
 FINAL_SEND_TIMEOUT: Final = 10.0
+_UPLOAD_RE: Final = re.compile(r"^/v1/sessions/[^/]+/files/.")
 
 
 @final
@@ -69,8 +72,13 @@ class Guard:
                     [(b"www-authenticate", b"Bearer")],
                 )
                 return
-        is_upload = scope["method"] == "PUT" and "/files/" in scope["path"]
-        limit = self.file_limit if is_upload else self.json_limit
+        path = scope["path"]
+        if not path.startswith("/v1"):
+            limit = 0  # no route outside /v1 takes a body
+        elif scope["method"] == "PUT" and _UPLOAD_RE.match(path):
+            limit = self.file_limit
+        else:
+            limit = self.json_limit
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:

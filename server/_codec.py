@@ -193,5 +193,7 @@ def error_json(exc: AgentRuntimeError) -> dict[str, Any]:
 def json_response(body: Any, status: int = 200) -> Response:
     """A JSON response (lists stay bare arrays)."""
     return Response(
-        json.dumps(body, ensure_ascii=False), status, {"Content-Type": "application/json"}
+        json.dumps(body, ensure_ascii=False, allow_nan=False),
+        status,
+        {"Content-Type": "application/json"},
     )

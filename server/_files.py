@@ -20,7 +20,7 @@ from ._codec import converter, json_response
 if TYPE_CHECKING:
     from runtime import Runtime
 
-_RANGE_RE: Final = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE_RE: Final = re.compile(r"^bytes=(\d{0,19})-(\d{0,19})$")
 
 
 class RangeNotSatisfiable(InvalidRequest):

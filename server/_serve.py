@@ -9,9 +9,9 @@ their terminal event), then stops hypercorn, then closes the runtime.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
-from functools import partial
 from typing import TYPE_CHECKING, Final
 
 import trio
@@ -61,29 +61,49 @@ async def serve(
     """
     app = create_app(rt, file_limit=file_limit)
     stop = trio.Event()
+    stopped = trio.Event()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
 
             async def on_signal() -> None:
                 async for signum in signals:
+                    if stop.is_set():  # a second signal: stop now
+                        _force_exit("second signal")
                     print(
                         f"agent-runtime: {signal.Signals(signum).name}: draining", file=sys.stderr
                     )
                     await rt.shutdown()
                     stop.set()
-                    return
+
+            async def run_server(task_status: trio.TaskStatus[list[str]]) -> None:
+                config = hypercorn_config(host, port)
+                await hypercorn_serve(
+                    app,
+                    config,
+                    shutdown_trigger=stop.wait,
+                    task_status=task_status,
+                )
+                stopped.set()
 
             nursery.start_soon(on_signal)
-            binds = await nursery.start(
-                partial(
-                    hypercorn_serve,
-                    app,
-                    hypercorn_config(host, port),
-                    shutdown_trigger=stop.wait,
-                )
-            )
+            binds = await nursery.start(run_server)
             task_status.started(binds)
             if on_ready is not None:
                 on_ready(binds)
             await stop.wait()
+            # Let hypercorn finish in-flight requests (its graceful timeout)…
+            with trio.move_on_after(GRACEFUL_TIMEOUT + 1):
+                await stopped.wait()
+            if not stopped.is_set():
+                # …but a client that stopped reading blocks hypercorn's shielded
+                # socket write forever (STACK-NOTES 4), and no cancel reaches it.
+                # The drain is done (turns cancelled, processes killed, unbilled):
+                # exit rather than hang.
+                _force_exit("a client stopped reading; exiting without it")
             nursery.cancel_scope.cancel(reason="server stopped")
+
+
+def _force_exit(why: str) -> None:
+    print(f"agent-runtime: {why}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(0)

@@ -210,3 +210,30 @@ async def test_e2e_serve_without_key_creates_one(tmp_path: Path) -> None:
             assert (ok.status_code, ok.json()) == (200, [])
             bad = await client.get("/v1/sessions", headers={"Authorization": "Bearer nope"})
             assert bad.status_code == 401
+
+
+async def test_e2e_sigterm_with_a_client_that_stopped_reading(tmp_path: Path) -> None:
+    """A client that stopped reading (its socket full) cannot keep the server alive after
+    SIGTERM: hypercorn's write to it is shielded, so serve exits after its graceful wait."""
+    import socket
+
+    async with run_server(tmp_path, "--demo-tokens-per-second", "0") as served:
+        host, port = served.url.removeprefix("http://").split(":")
+        async with httpx.AsyncClient(base_url=served.url, timeout=30) as client:
+            headers = {"Authorization": f"Bearer {KEY}"}
+            sid = (await client.post("/v1/sessions", headers=headers)).json()["id"]
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await sock.connect((host, int(port)))
+        body = b'{"message": "Write a 2000000-word essay"}'
+        await sock.send(
+            f"POST /v1/sessions/{sid}/messages HTTP/1.1\r\nHost: t\r\n"
+            f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        await trio.sleep(1)  # the server fills our (unread) socket and blocks writing
+        served.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(10):
+            await served.process.wait()
+        sock.close()
+    assert served.process.returncode == 0

@@ -639,3 +639,29 @@ async def test_files_unauthenticated_upload_refused_before_its_body(harness: Har
                 assert chunk
                 reply += chunk
     assert reply.startswith(b"HTTP/1.1 401")
+
+
+async def test_files_upload_over_quarts_default_limit(harness: Harness) -> None:
+    """Uploads are bounded by file_limit (64 MiB), not Quart's 16 MiB default."""
+    sid = (await harness.client.post("/v1/sessions")).json()["id"]
+    data = b"z" * (17 * 1024 * 1024)
+    with trio.fail_after(30):
+        put = await harness.client.put(f"/v1/sessions/{sid}/files/big.bin", content=data)
+    assert put.status_code == 201, put.text[:200]
+    assert put.json()["size"] == len(data)
+
+
+async def test_files_range_with_huge_numbers_is_416(harness: Harness) -> None:
+    """A Range with absurdly long numbers is 416, never a 500."""
+    sid = (await harness.client.post("/v1/sessions")).json()["id"]
+    await harness.client.put(f"/v1/sessions/{sid}/files/f.txt", content=b"0123456789")
+    with trio.fail_after(10):
+        for header in (
+            "bytes=0-" + "9" * 5000,
+            "bytes=-" + "9" * 5000,
+            "bytes=" + "1" * 5000 + "-",
+        ):
+            response = await harness.client.get(
+                f"/v1/sessions/{sid}/files/f.txt", headers={"Range": header}
+            )
+            assert response.status_code == 416, header[:20]

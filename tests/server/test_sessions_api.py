@@ -698,3 +698,22 @@ async def test_sessions_shutdown_answers_503(harness: Harness) -> None:
     for response in (*responses, anonymous_response):
         assert_error(response, 503, "shutting_down")
     assert harness.rt.sessions() == []
+
+
+async def test_sessions_input_that_used_to_500(harness: Harness) -> None:
+    """A huge integer ttl and NaN in metadata are 400, never 500 (or invalid JSON out)."""
+    with trio.fail_after(10):
+        huge = await harness.client.post("/v1/sessions", content=b'{"ttl": 1' + b"0" * 400 + b"}")
+        nan = await harness.client.post("/v1/sessions", content=b'{"metadata": {"x": NaN}}')
+        inf = await harness.client.post("/v1/sessions", content=b'{"ttl": Infinity}')
+    for response in (huge, nan, inf):
+        assert response.status_code == 400, response.text
+        assert response.json()["error"] == "invalid_request"
+    assert harness.rt.sessions() == []
+
+
+async def test_sessions_body_outside_v1_is_refused(harness: Harness) -> None:
+    """No route outside /v1 takes a body: one is refused (413) without being read."""
+    with trio.fail_after(10):
+        response = await harness.client.post("/health", content=b"x" * 10)
+    assert response.status_code == 413
