@@ -158,6 +158,33 @@ class Workspace:
         """``"file"``, ``"directory"`` or ``"other"``."""
         return self.stat(path).type
 
+    def open_regular(self, path: str) -> tuple[int, int]:
+        """Open the regular file ``path`` for reading; return (fd, size).
+
+        The caller owns the descriptor. FIFOs, devices, directories and
+        symbolic links are refused before anything is read.
+        """
+        parts = split_path(path)
+        if not parts:
+            raise InvalidRequest(f"{path!r} is a directory")
+        try:
+            with self._open_dir(parts[:-1]) as dir_fd:
+                # O_NONBLOCK: opening a FIFO must not wait for a writer.
+                flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+                fd = os.open(parts[-1], flags, dir_fd=dir_fd)
+        except OSError as exc:
+            raise _refuse(path, exc) from None
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise InvalidRequest(f"{path!r} is a directory")
+            if not stat.S_ISREG(st.st_mode):
+                raise PathOutsideWorkspace(f"{path!r} is not a regular file")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, st.st_size
+
     def read_range(
         self, path: str, choose: Callable[[int], tuple[int, int] | None]
     ) -> tuple[bytes, int, tuple[int, int] | None]:
@@ -168,27 +195,13 @@ class Workspace:
           the size of the very file that is read, so a range cannot be computed
           for one file and served from another swapped in meanwhile.
         """
-        parts = split_path(path)
-        if not parts:
-            raise InvalidRequest(f"{path!r} is a directory")
-        try:
-            with self._open_dir(parts[:-1]) as dir_fd:
-                # O_NONBLOCK: opening a FIFO must not wait for a writer.
-                flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-                fd = os.open(parts[-1], flags, dir_fd=dir_fd)
-            with os.fdopen(fd, "rb") as f:
-                st = os.fstat(f.fileno())
-                if stat.S_ISDIR(st.st_mode):
-                    raise InvalidRequest(f"{path!r} is a directory")
-                if not stat.S_ISREG(st.st_mode):
-                    raise PathOutsideWorkspace(f"{path!r} is not a regular file")
-                span = choose(st.st_size)
-                if span is None:
-                    return f.read(), st.st_size, None
-                f.seek(span[0])
-                return f.read(span[1] - span[0] + 1), st.st_size, span
-        except OSError as exc:
-            raise _refuse(path, exc) from None
+        fd, size = self.open_regular(path)
+        with os.fdopen(fd, "rb") as f:
+            span = choose(size)
+            if span is None:
+                return f.read(), size, None
+            f.seek(span[0])
+            return f.read(span[1] - span[0] + 1), size, span
 
     def write(self, path: str, data: bytes) -> FileInfo:
         """Create or replace the regular file ``path``, creating its parents."""

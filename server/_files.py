@@ -7,6 +7,7 @@ The blocking file IO runs in worker threads.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import TYPE_CHECKING, Any, Final
 
@@ -20,6 +21,8 @@ from ._codec import converter, json_response
 if TYPE_CHECKING:
     from runtime import Runtime
 
+#: Bytes per read when streaming a download.
+CHUNK: Final = 256 * 1024
 _RANGE_RE: Final = re.compile(r"^bytes=(\d{0,19})-(\d{0,19})$")
 
 
@@ -55,6 +58,40 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
+class _FileChunks:
+    """An async iterator over ``length`` bytes of ``fd`` from ``offset``, read in
+    worker threads; it owns the descriptor and closes it when done or closed
+    (even if never iterated, unlike an async generator's ``finally``)."""
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        self._fd: int | None = fd
+        self._offset = offset
+        self._remaining = length
+
+    def __aiter__(self) -> _FileChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._fd is None or self._remaining <= 0:
+            await self.aclose()
+            raise StopAsyncIteration
+        fd = self._fd
+        size = min(CHUNK, self._remaining)
+        chunk = await trio.to_thread.run_sync(os.pread, fd, size, self._offset)
+        if not chunk:  # the file shrank meanwhile
+            await self.aclose()
+            raise StopAsyncIteration
+        self._offset += len(chunk)
+        self._remaining -= len(chunk)
+        return chunk
+
+    async def aclose(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        await trio.lowlevel.checkpoint()
+
+
 def _info_json(info: FileInfo) -> dict[str, Any]:
     return converter.unstructure(info)  # type: ignore[no-any-return]
 
@@ -78,24 +115,26 @@ def files_blueprint(rt: Runtime) -> Blueprint:
         if kind == "directory":
             infos = await trio.to_thread.run_sync(ws.list, path)
             return json_response([_info_json(i) for i in infos])
-        header = request.headers.get("Range")
+        fd, size = await trio.to_thread.run_sync(ws.open_regular, path)
         try:
-            data, size, span = await trio.to_thread.run_sync(
-                lambda: ws.read_range(path, lambda size: parse_range(header, size))
-            )
+            span = parse_range(request.headers.get("Range"), size)
         except RangeNotSatisfiable as exc:
-            size = (await trio.to_thread.run_sync(ws.stat, path)).size
+            os.close(fd)
             response = json_response({"error": exc.error_type, "message": str(exc)}, 416)
             response.headers["Content-Range"] = f"bytes */{size}"
             return response
+        first, last = span if span is not None else (0, size - 1)
         headers = {
             "Content-Type": "application/octet-stream",
             "Accept-Ranges": "bytes",
+            "Content-Length": str(last - first + 1),
         }
-        if span is None:
-            return Response(data, 200, headers)
-        headers["Content-Range"] = f"bytes {span[0]}-{span[1]}/{size}"
-        return Response(data, 206, headers)
+        if span is not None:
+            headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+        # Streamed from the descriptor in chunks: a large file never sits in memory.
+        response = Response(_FileChunks(fd, first, last - first + 1), 206 if span else 200, headers)
+        response.timeout = None
+        return response
 
     @bp.put("/v1/sessions/<sid>/files/<path:path>")
     async def upload(sid: str, path: str) -> tuple[Response, int]:
