@@ -16,13 +16,12 @@ from quart import Response
 from runtime import (
     AgentRuntimeError,
     Event,
-    FunctionCall,
-    OutputMessage,
-    ResponseSnapshot,
     Session,
     Turn,
     Usage,
 )
+
+from ._openai_wire import response_event
 
 if TYPE_CHECKING:
     from runtime._turn import HistoryEntry
@@ -44,60 +43,16 @@ def usage_json(usage: Usage | None) -> dict[str, Any] | None:
     return body
 
 
-def item_json(item: OutputMessage | FunctionCall) -> dict[str, Any]:
-    """An output item in the shape of OpenAI's Responses API."""
-    if isinstance(item, OutputMessage):
-        return {
-            "type": "message",
-            "id": item.id,
-            "status": item.status,
-            "role": "assistant",
-            "content": [{"type": "output_text", "text": item.text, "annotations": []}],
-        }
-    return {
-        "type": "function_call",
-        "id": item.id,
-        "call_id": item.call_id,
-        "name": item.name,
-        "arguments": item.arguments,
-        "status": item.status,
-    }
-
-
-def snapshot_json(snapshot: ResponseSnapshot) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "id": snapshot.id,
-        "object": "response",
-        "created_at": snapshot.created_at,
-        "status": snapshot.status,
-        "model": snapshot.model,
-        "output": [item_json(item) for item in snapshot.output],
-        "output_text": snapshot.output_text,
-        "usage": usage_json(snapshot.usage),
-    }
-    if snapshot.error is not None:
-        body["error"] = {"code": "server_error", "message": snapshot.error}
-    return body
-
-
 converter.register_unstructure_hook(Usage, usage_json)
-converter.register_unstructure_hook(OutputMessage, item_json)
-converter.register_unstructure_hook(FunctionCall, item_json)
-converter.register_unstructure_hook(ResponseSnapshot, snapshot_json)
 
 
 def event_json(event: Event) -> dict[str, Any]:
     """The ``data`` of an event: its type, sequence number, response id and payload."""
     if event.type.startswith("response."):
-        from ._openai_wire import response_event
-
-        return response_event(event)
+        return response_event(event)  # OpenAI's Responses shapes
     data: dict[str, Any] = {"type": event.type}
     for field in attrs.fields(type(event)):
         data[field.name] = converter.unstructure(getattr(event, field.name))
-    if event.type == "response.created":
-        # The hosted API puts the rid on the first event's data.id.
-        data["id"] = event.response_id
     return data
 
 
