@@ -18,9 +18,11 @@ from ._errors import (
     NotFound as NotFound,
     OutOfCredits as OutOfCredits,
     PathOutsideWorkspace as PathOutsideWorkspace,
+    RateLimited as RateLimited,
     SessionBusy as SessionBusy,
     SessionClosed as SessionClosed,
     ShuttingDown as ShuttingDown,
+    StoreError as StoreError,
     Unauthorized as Unauthorized,
     UpstreamError as UpstreamError,
 )
@@ -80,25 +82,31 @@ from ._model import (
     UsageChunk as UsageChunk,
 )
 from ._openai import OpenAIModel as OpenAIModel
+from ._records import (
+    Account as Account,
+    CreditMode as CreditMode,
+    IdempotencyRecord as IdempotencyRecord,
+    Recovered as Recovered,
+    SessionRecord as SessionRecord,
+    ToolCallRecord as ToolCallRecord,
+    TurnRecord as TurnRecord,
+    UsageRecord as UsageRecord,
+    UsageWindow as UsageWindow,
+    WindowLimit as WindowLimit,
+)
 from ._runtime import Runtime as Runtime, RuntimeStatistics as RuntimeStatistics
 from ._session import Session as Session
+from ._sqlite import SQLiteStore as SQLiteStore
 from ._state import CancelOutcome as CancelOutcome, TurnState as TurnState
 from ._store import (
     DEFAULT_ACCOUNT as DEFAULT_ACCOUNT,
-    Account as Account,
-    CreditMode as CreditMode,
     MemoryStore as MemoryStore,
     Pricing as Pricing,
     Store as Store,
-    UsageRecord as UsageRecord,
 )
 from ._tools import BUILTIN_TOOLS as BUILTIN_TOOLS
-from ._turn import ToolCallRecord as ToolCallRecord, Turn as Turn
-from ._usage import (
-    UsageReport as UsageReport,
-    UsageWindow as UsageWindow,
-    usage_report as usage_report,
-)
+from ._turn import Turn as Turn
+from ._usage import UsageReport as UsageReport, usage_report as usage_report
 from ._workspace import SANDBOX_ROOT as SANDBOX_ROOT, FileInfo as FileInfo, Workspace as Workspace
 
 __all__ = [
@@ -117,6 +125,7 @@ __all__ = [
     "FunctionCall",
     "IdempotencyConflict",
     "IdempotencyKeys",
+    "IdempotencyRecord",
     "InvalidRequest",
     "InvalidTransition",
     "MemoryStore",
@@ -133,7 +142,9 @@ __all__ = [
     "OutputMessage",
     "PathOutsideWorkspace",
     "Pricing",
+    "RateLimited",
     "ReasoningChunk",
+    "Recovered",
     "Replayed",
     "ResponseCancelled",
     "ResponseCompleted",
@@ -152,11 +163,14 @@ __all__ = [
     "ResponseSnapshot",
     "Runtime",
     "RuntimeStatistics",
+    "SQLiteStore",
     "Session",
     "SessionBusy",
     "SessionClosed",
+    "SessionRecord",
     "ShuttingDown",
     "Store",
+    "StoreError",
     "TextChunk",
     "TextDelta",
     "TextStart",
@@ -175,6 +189,7 @@ __all__ = [
     "ToolUseStart",
     "ToolUseStop",
     "Turn",
+    "TurnRecord",
     "TurnState",
     "Unauthorized",
     "UpstreamError",
@@ -183,6 +198,7 @@ __all__ = [
     "UsageRecord",
     "UsageReport",
     "UsageWindow",
+    "WindowLimit",
     "Workspace",
     "fingerprint",
     "usage_report",

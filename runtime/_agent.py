@@ -42,8 +42,8 @@ from ._model import (
     ToolCallStart,
     UsageChunk,
 )
+from ._records import ToolCallRecord
 from ._tools import BUILTIN_TOOLS
-from ._turn import ToolCallRecord
 
 if TYPE_CHECKING:
     from ._events import Event

@@ -143,3 +143,30 @@ class InvalidTransition(AgentRuntimeError, RuntimeError):
 
     error_type = "internal_error"
     status_hint = 500
+
+
+class RateLimited(AgentRuntimeError):
+    """A rate-limit window of the account is full: no new turn until it drains.
+
+    ``retry_after`` is how many seconds until the window has room again (the
+    HTTP layer sends it as ``Retry-After``).
+    """
+
+    error_type = "rate_limited"
+    status_hint = 429
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class StoreError(AgentRuntimeError):
+    """The store could not do what was asked (disk full, locked, I/O error).
+
+    Raised when a turn cannot be admitted; a turn whose finalizing write fails
+    ends ``message.error`` / ``response.failed`` naming ``store_error``,
+    unbilled. Differs from a bug (500): the server itself is fine, retry later.
+    """
+
+    error_type = "store_error"
+    status_hint = 503

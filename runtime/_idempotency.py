@@ -10,11 +10,18 @@ concurrent requests with one key exactly one starts a turn; the others wait
 for its outcome and attach to the same turn. A request whose start failed
 (busy session, no credits, bad input) releases the key: nothing was started,
 so a retry may start it. A cancelled turn keeps its key.
+
+Bindings are written through to the store once the turn has started, so a
+retry after a restart still finds its turn (and gets its final state, the
+turn being gone from memory). The in-memory map serializes concurrent
+requests and answers hot retries without a store round trip; a miss asks the
+store while holding the claim.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from typing import TYPE_CHECKING, Final, final
 
@@ -22,11 +29,15 @@ import attrs
 import trio
 
 from ._errors import IdempotencyConflict, InvalidRequest
+from ._records import IdempotencyRecord
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
+    from ._store import Store
     from ._turn import Turn
+
+logger = logging.getLogger("runtime")
 
 #: How long a key stays bound to its response id.
 KEY_TTL: Final = 24 * 3600.0
@@ -64,8 +75,10 @@ class Replayed:
 @final
 @attrs.define(eq=False)
 class IdempotencyKeys:
-    """The bindings of every account's idempotency keys (in memory)."""
+    """The bindings of every account's idempotency keys (in memory, written
+    through to ``store``)."""
 
+    store: Store
     ttl: float = KEY_TTL
     _bindings: dict[tuple[str, str], _Binding] = attrs.field(factory=dict, init=False)
     _purged_at: float = attrs.field(factory=time.time, init=False)
@@ -104,24 +117,57 @@ class IdempotencyKeys:
             binding = _Binding(request_fingerprint, now)
             self._bindings[slot] = binding
             try:
+                stored = await self.store.get_idempotency_key(account_id, key)
+                if stored is not None and now - stored.created_at <= self.ttl:
+                    binding.fingerprint = stored.fingerprint
+                    binding.created_at = stored.created_at
+                    binding.response_id = stored.response_id
+                    binding.settled.set()
+                    return self._attach(binding, key, request_fingerprint, lookup)
                 turn = await start()
             except BaseException:
-                del self._bindings[slot]
+                if binding.response_id is None:
+                    del self._bindings[slot]
                 binding.settled.set()
                 raise
             binding.response_id = turn.id
             binding.settled.set()
-            return turn
-        if binding.fingerprint != request_fingerprint:
-            await trio.lowlevel.checkpoint()
-            raise IdempotencyConflict(
-                f"Idempotency-Key {key!r} was used with another session or body; "
-                f"use a new key for a new request"
+            record = IdempotencyRecord(
+                account_id=account_id,
+                key=key,
+                fingerprint=request_fingerprint,
+                response_id=turn.id,
+                created_at=now,
             )
+            try:
+                await self.store.put_idempotency_key(record)
+            except Exception:
+                # The turn runs and this process remembers the key; only a
+                # retry after a restart would miss it. Failing the request
+                # now would hide a running turn from its client.
+                logger.exception("idempotency key of %s was not stored", turn.id)
+            return turn
+        # Wait even on a differing body: the binding's fingerprint is final
+        # only once settled (after a restart it comes from the store).
         await binding.settled.wait()
         if binding.response_id is None:
             # The first request failed and released the key: this one may try.
             return await self.run(account_id, key, request_fingerprint, start, lookup)
+        return self._attach(binding, key, request_fingerprint, lookup)
+
+    @staticmethod
+    def _attach(
+        binding: _Binding,
+        key: str,
+        request_fingerprint: str,
+        lookup: Callable[[str], Turn | None],
+    ) -> Turn | Replayed:
+        if binding.fingerprint != request_fingerprint:
+            raise IdempotencyConflict(
+                f"Idempotency-Key {key!r} was used with another session or body; "
+                f"use a new key for a new request"
+            )
+        assert binding.response_id is not None
         bound = lookup(binding.response_id)
         return bound if bound is not None else Replayed(binding.response_id)
 

@@ -16,8 +16,11 @@ finished turns cost ten thousand heap entries, not ten thousand tasks.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
+import logging
 import math
+import shutil
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -35,7 +38,8 @@ from ._model import ChatMessage, ToolSpec
 from ._process import DEFAULT_TIMEOUT
 from ._respond import ResponseRound
 from ._session import DEFAULT_IDLE_TIMEOUT, DEFAULT_TTL, Session
-from ._store import DEFAULT_ACCOUNT, DEFAULT_PRICES, MemoryStore, Pricing
+from ._sqlite import SQLiteStore, database_path
+from ._store import DEFAULT_ACCOUNT, DEFAULT_PRICES, Pricing
 from ._turn import SESSION_DELETED, SHUTDOWN, Turn, lookup
 from ._workspace import Workspace
 
@@ -44,8 +48,11 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
     from ._model import Model
+    from ._records import Recovered, TurnRecord
     from ._store import Store
     from ._turn import TurnBody
+
+logger = logging.getLogger("runtime")
 
 DEFAULT_GRACE: Final = 120.0
 #: Longest session ttl accepted (about 31 years; also keeps float() finite).
@@ -88,7 +95,7 @@ class Runtime:
     _running_stateless: set[Turn] = attrs.field(factory=set, init=False)
     _evictions: list[tuple[float, str]] = attrs.field(factory=list, init=False)
     #: Idempotency-key bindings, per account (used by the HTTP layer).
-    idempotency: IdempotencyKeys = attrs.field(factory=IdempotencyKeys, init=False)
+    idempotency: IdempotencyKeys = attrs.field(init=False)
     #: The eviction loop's sleep; its deadline is the heap's earliest entry.
     _evict_timer: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
     #: Test hook awaited (shielded) inside each turn's finalizing step.
@@ -101,6 +108,7 @@ class Runtime:
     def __attrs_post_init__(self) -> None:
         if self._token is not _TOKEN:
             raise TypeError("use 'async with Runtime.open(...) as rt', not Runtime(...)")
+        self.idempotency = IdempotencyKeys(self.store)
 
     @classmethod
     @asynccontextmanager
@@ -118,9 +126,16 @@ class Runtime:
         """Open a runtime rooted at ``data_dir`` and close it on exit.
 
         Args:
-          data_dir: holds ``workspaces/<session id>/`` (created if missing).
+          data_dir: holds ``workspaces/<session id>/`` (created if missing)
+            and, unless ``store`` is given, the SQLite store
+            ``agent-runtime.db``.
           model: the model of every turn; default :class:`DemoModel`.
-          store: accounts and ledger; default a fresh :class:`MemoryStore`.
+          store: accounts, ledger, persistent sessions; default a
+            :class:`SQLiteStore` in ``data_dir`` (opened and closed here).
+            Whatever the store, it is asked at start-up to recover: turns it
+            holds as running become cancelled (``interrupted``), its
+            persistent sessions come back (history and workspace), and
+            workspace directories of any other session are removed.
           grace_seconds: how long a finished turn stays resumable/cancellable.
           idle_timeout: a non-persistent session is destroyed this long after
             its last turn ends.
@@ -143,11 +158,30 @@ class Runtime:
                 raise ValueError(f"{name} must be > 0, not {value!r}")
         root = Path(data_dir)
         (root / "workspaces").mkdir(parents=True, exist_ok=True)
+        async with contextlib.AsyncExitStack() as stack:
+            if store is None:
+                store = await stack.enter_async_context(SQLiteStore.open(database_path(root)))
+            async with cls._open(root, model, store, grace_seconds, idle_timeout, shell_timeout,
+                                 prices) as rt:  # fmt: skip
+                yield rt
+
+    @classmethod
+    @asynccontextmanager
+    async def _open(
+        cls,
+        root: Path,
+        model: Model | None,
+        store: Store,
+        grace_seconds: float,
+        idle_timeout: float,
+        shell_timeout: float,
+        prices: Mapping[str, Pricing] | None,
+    ) -> AsyncIterator[Runtime]:
         async with trio.open_nursery() as nursery:
             rt = cls(
                 data_dir=root,
                 model=model if model is not None else DemoModel(),
-                store=store if store is not None else MemoryStore(),
+                store=store,
                 grace_seconds=grace_seconds,
                 idle_timeout=idle_timeout,
                 shell_timeout=shell_timeout,
@@ -157,6 +191,7 @@ class Runtime:
             )
             nursery.start_soon(rt._evict_loop)
             try:
+                await rt._recover(await store.recover())
                 yield rt
             finally:
                 with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_TIMEOUT):
@@ -201,25 +236,78 @@ class Runtime:
         await self.store.get_account(account_id)
         if self._closing:  # shutdown began while we awaited the store
             raise ShuttingDown("the runtime is shutting down; no new sessions are accepted")
-        sid = new_id("sess")
-        session = Session(
+        session = self._make_session(
+            new_id("sess"), account_id, bool(persistent), float(ttl), dict(metadata or {})
+        )
+        await self._start_session(session)
+        if session.persistent:
+            # Stored once running, before the caller hears of it: a crash after
+            # this point brings the session back.
+            try:
+                await self.store.save_session(session.record())
+            except BaseException:
+                session._close(SESSION_DELETED)
+                with trio.CancelScope(shield=True):
+                    await session.wait_closed()
+                raise
+        return session
+
+    def _make_session(
+        self, sid: str, account_id: str, persistent: bool, ttl: float, metadata: dict[str, Any]
+    ) -> Session:
+        return Session(
             id=sid,
             account_id=account_id,
-            persistent=bool(persistent),
-            ttl=float(ttl),
-            metadata=dict(metadata or {}),
+            persistent=persistent,
+            ttl=ttl,
+            metadata=metadata,
             model=self.model.name,
             workspace=Workspace(str(self.data_dir / "workspaces" / sid)),
             _runtime=self,
             _idle_timeout=self.idle_timeout,
         )
-        self._sessions[sid] = session
+
+    async def _start_session(self, session: Session) -> None:
+        self._sessions[session.id] = session
         try:
             await self._nursery.start(session._run)
         except BaseException:
             self._forget_session(session)
             raise
-        return session
+
+    async def _recover(self, recovered: Recovered) -> None:
+        """Take up what the store kept: persistent sessions come back with
+        their histories; every other workspace directory is removed."""
+        for record, history in recovered.sessions:
+            session = self._make_session(
+                record.id, record.account_id, True, record.ttl, dict(record.metadata)
+            )
+            session.created_at = record.created_at
+            session._restore(record, history)
+            await self._start_session(session)
+        keep = set(self._sessions)
+        workspaces = self.data_dir / "workspaces"
+
+        def sweep() -> int:
+            removed = 0
+            for entry in workspaces.iterdir():
+                if entry.name not in keep:
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink(missing_ok=True)
+                    removed += 1
+            return removed
+
+        removed = await trio.to_thread.run_sync(sweep)
+        if recovered.sessions or recovered.interrupted or removed:
+            logger.info(
+                "recovered %d persistent sessions; %d turns were interrupted; "
+                "%d leftover workspaces removed",
+                len(recovered.sessions),
+                recovered.interrupted,
+                removed,
+            )
 
     def get_session(self, session_id: str, *, account_id: str | None = None) -> Session:
         """Return the live session.
@@ -309,6 +397,19 @@ class Runtime:
         """The turn if it is still buffered, else None."""
         return self._turns.get(response_id)
 
+    async def turn_record(self, response_id: str, *, account_id: str | None = None) -> TurnRecord:
+        """The turn's record: live if it is buffered, else as the store keeps it
+        (after eviction, and after a restart).
+
+        Raises:
+          NotFound: unknown, purged, or (with ``account_id``) another account's.
+        """
+        turn = self._turns.get(response_id)
+        record = turn.record() if turn is not None else await self.store.get_turn(response_id)
+        if record is None or (account_id is not None and record.account_id != account_id):
+            raise NotFound(f"response {response_id!r} is unknown")
+        return record
+
     async def respond(
         self,
         input: str | Sequence[ChatMessage],
@@ -346,9 +447,6 @@ class Runtime:
             raise InvalidRequest(f"max_output_tokens must be >= 1, not {max_output_tokens!r}")
         if self._closing:
             raise ShuttingDown("the runtime is shutting down; no new turns are accepted")
-        await self.store.check_can_start(account_id)
-        if self._closing:
-            raise ShuttingDown("the runtime is shutting down; no new turns are accepted")
         turn = self._new_turn(
             prefix="resp",
             account_id=account_id,
@@ -369,6 +467,10 @@ class Runtime:
             ),
             on_finished=self._running_stateless.discard,
         )
+        await turn._begin()
+        if self._closing:
+            turn._abort_start(ShuttingDown("the runtime is shutting down"))
+            raise ShuttingDown("the runtime is shutting down; no new turns are accepted")
         self._running_stateless.add(turn)
         self._register(turn)
         await self._nursery.start(turn._run)

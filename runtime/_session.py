@@ -30,9 +30,10 @@ import trio
 from ._agent import AgentLoop
 from ._errors import InvalidRequest, SessionBusy, SessionClosed, ShuttingDown
 from ._model import ChatMessage
+from ._records import SessionRecord, TurnRecord
 from ._state import TurnState
 from ._tools import ToolBox
-from ._turn import SESSION_EXPIRED, SHUTDOWN, HistoryEntry, Turn
+from ._turn import SESSION_EXPIRED, SHUTDOWN, Turn
 
 if TYPE_CHECKING:
     from ._runtime import Runtime
@@ -43,6 +44,8 @@ logger = logging.getLogger("runtime")
 #: A non-persistent session is destroyed this long after its last turn ends.
 DEFAULT_IDLE_TIMEOUT: Final = 300.0
 DEFAULT_TTL: Final = 14400.0
+#: How long a session's teardown waits for the store to forget it.
+STORE_TIMEOUT: Final = 10.0
 
 
 @final
@@ -64,7 +67,7 @@ class Session:
 
     #: The session's turns, oldest first: the running one as a Turn, the
     #: finished ones as compact entries (their buffers are not kept here).
-    _history: list[Turn | HistoryEntry] = attrs.field(factory=list, init=False)
+    _history: list[Turn | TurnRecord] = attrs.field(factory=list, init=False)
     _active: Turn | None = attrs.field(default=None, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
     _closing: str | None = attrs.field(default=None, init=False)
@@ -151,7 +154,7 @@ class Session:
         self._active = turn
         rt._register(turn)
         try:
-            await rt.store.check_can_start(self.account_id)
+            await turn._begin()
             self._check_open()
             assert self._nursery is not None
             self.last_activity = time.time()
@@ -163,9 +166,28 @@ class Session:
         self._history.append(turn)
         return turn
 
-    def history(self) -> list[HistoryEntry]:
+    def history(self) -> list[TurnRecord]:
         """Every turn of the session, oldest first (the running one included)."""
-        return [t.history_entry() if isinstance(t, Turn) else t for t in self._history]
+        return [t.record() if isinstance(t, Turn) else t for t in self._history]
+
+    def record(self) -> SessionRecord:
+        """The session as the store keeps it (persistent sessions only)."""
+        return SessionRecord(
+            id=self.id,
+            account_id=self.account_id,
+            ttl=self.ttl,
+            metadata=self.metadata,
+            model=self.model,
+            created_at=self.created_at,
+            last_activity=self.last_activity,
+        )
+
+    def _restore(self, record: SessionRecord, history: tuple[TurnRecord, ...]) -> None:
+        """Take up a persistent session from the store after a restart."""
+        self.last_activity = record.last_activity
+        self._history = list(history)
+        remaining = record.created_at + record.ttl - time.time()
+        self._expires_at = trio.current_time() + max(0.0, remaining)
 
     def _check_open(self) -> None:
         if self._runtime._closing:
@@ -177,14 +199,14 @@ class Session:
         """The completed turns of the session, as model context."""
         messages: list[ChatMessage] = []
         for entry in self._history:
-            if isinstance(entry, HistoryEntry) and entry.status == TurnState.COMPLETED.value:
+            if isinstance(entry, TurnRecord) and entry.status == TurnState.COMPLETED.value:
                 messages.append(ChatMessage(role="user", content=entry.input))
                 messages.append(ChatMessage(role="assistant", content=entry.output_text))
         return tuple(messages)
 
     def _turn_finished(self, turn: Turn) -> None:
         if self._history and self._history[-1] is turn:
-            self._history[-1] = turn.history_entry()
+            self._history[-1] = turn.record()
         if self._active is turn:
             self._active = None
         self.last_activity = time.time()
@@ -242,8 +264,21 @@ class Session:
             keep = self._closing == SHUTDOWN and self.persistent
             if not keep:
                 with trio.CancelScope(shield=True):
+                    if self.persistent:
+                        await self._forget_record()
                     await trio.to_thread.run_sync(
                         lambda: shutil.rmtree(self.workspace.root, ignore_errors=True)
                     )
             self._runtime._forget_session(self)
             self._done.set()
+
+    async def _forget_record(self) -> None:
+        """Delete the stored session row, before its workspace goes (a crash in
+        between leaves a workspace that the next start-up sweeps away)."""
+        try:
+            with trio.fail_after(STORE_TIMEOUT):
+                await self._runtime.store.delete_session(self.id)
+        except Exception:
+            # TooSlowError included. The row stays; the session comes back after
+            # a restart, and can be deleted then.
+            logger.exception("session %s: could not delete its stored record", self.id)

@@ -1,27 +1,58 @@
-"""Accounts and the usage ledger: the ``Store`` interface and its in-memory form.
+"""The ``Store`` interface, what stores share, and :class:`MemoryStore`.
 
-The ledger's one promise: a completed turn's usage record and its credit debit
-happen together, exactly once, keyed by response id. Cancelled and failed
-turns write nothing. The turn task is the only caller of
-:meth:`Store.record_usage`, from its finalizing step.
+The ledger's one promise: a completed turn's usage record, its credit debit
+and its final turn record are written together, exactly once, keyed by
+response id. Cancelled, failed and interrupted turns are never billed. The turn
+task is the only caller of :meth:`Store.complete_turn` (from its finalizing
+step) and :meth:`Store.end_turn`.
 
-:class:`MemoryStore` is for tests and throwaway use; a SQLite store behind the
-same interface is the server's default (a later piece of work).
+Admission (:meth:`Store.begin_turn`) checks credits and rate-limit windows and
+records the turn as running, in one step, so concurrent starts cannot both
+pass a limit that has room for one.
+
+:class:`MemoryStore` is for tests and throwaway use; :class:`~runtime.SQLiteStore`
+is the default of ``Runtime.open`` and ``agent-runtime serve``.
 """
 
 from __future__ import annotations
 
-import enum
 import hashlib
+import math
+import time
 from typing import TYPE_CHECKING, Final, Protocol, final
 
 import attrs
 import trio
 
-from ._errors import InvalidRequest, NotFound, OutOfCredits, Unauthorized
+from ._errors import InvalidRequest, NotFound, OutOfCredits, RateLimited, Unauthorized
+from ._events import ResponseSnapshot
+from ._records import (
+    BUCKETS,
+    INTERRUPTED,
+    WINDOWS,
+    Account,
+    CreditMode,
+    IdempotencyRecord,
+    Recovered,
+    SessionRecord,
+    TurnRecord,
+    UsageRecord,
+    UsageWindow,
+    WindowLimit,
+)
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from ._events import Usage
+
+#: How long turn records of non-persistent sessions and stateless responses
+#: are kept (for rate-limit windows and re-attaching idempotent retries).
+TURN_RETENTION: Final = 86400.0
+#: How long idempotency-key bindings are kept (the runtime honours 24 h).
+KEY_RETENTION: Final = 86400.0
+#: Expired rows are purged at most this often.
+PURGE_EVERY: Final = 60.0
 
 
 def hash_key(api_key: str) -> bytes:
@@ -47,27 +78,6 @@ def lookup_key(key_hashes: dict[bytes, str], api_key: str) -> str:
 DEFAULT_ACCOUNT: Final = "local"
 
 
-class CreditMode(enum.Enum):
-    """How an account's balance limits new turns."""
-
-    #: Debits are recorded and the balance may go negative; nothing is refused.
-    SOFT = "soft"
-    #: A new turn is refused with :class:`OutOfCredits` once the balance is
-    #: at or below the account's ``min_balance``.
-    HARD = "hard"
-
-
-@attrs.frozen
-class Account:
-    """An account's credit state."""
-
-    id: str
-    balance: float
-    mode: CreditMode = CreditMode.HARD
-    #: Hard mode refuses a new turn unless ``balance > min_balance``.
-    min_balance: float = 0.0
-
-
 @attrs.frozen
 class Pricing:
     """Credits per million input and output tokens of one model."""
@@ -90,49 +100,58 @@ class Pricing:
 DEFAULT_PRICES: Final = {"demo": Pricing(1.0, 2.0)}
 
 
-@attrs.frozen(kw_only=True)
-class UsageRecord:
-    """The ledger row of one completed turn."""
+def check_credits(account: Account) -> None:
+    """Raise :class:`OutOfCredits` if ``account`` may not start a turn."""
+    if account.mode is CreditMode.HARD and account.balance <= account.min_balance:
+        raise OutOfCredits(
+            f"account {account.id} has {account.balance:g} credits left (the per-turn "
+            f"minimum is more than {account.min_balance:g}); add credits to start new turns"
+        )
 
-    response_id: str
-    account_id: str
-    session_id: str | None
-    model: str
-    input_tokens: int
-    output_tokens: int
-    credits: float
-    created_at: float
-    #: True when the token counts are estimates (the upstream sent none).
-    estimated: bool = False
+
+def refuse(limit: WindowLimit, what: str, used: int, maximum: int, retry_at: float) -> RateLimited:
+    """The error for a full window; ``retry_at`` is wall-clock time."""
+    retry_after = max(1.0, math.ceil(retry_at - time.time()))
+    return RateLimited(
+        f"rate limit: {used} {what} of at most {maximum} in the last {limit.window} "
+        f"for {limit.bucket}; retry in {retry_after:g} s",
+        retry_after=retry_after,
+    )
+
+
+def window_report(
+    account: Account, use: Iterable[tuple[str, str, int, int]]
+) -> dict[str, tuple[UsageWindow, ...]]:
+    """Per bucket, its windows: ``use`` yields (bucket, window, turns, tokens)."""
+    by_slot = {(bucket, window): (turns, tokens) for bucket, window, turns, tokens in use}
+    report: dict[str, tuple[UsageWindow, ...]] = {}
+    for bucket in BUCKETS:
+        windows = []
+        for name, duration in WINDOWS.items():
+            turns, tokens = by_slot.get((bucket, name), (0, 0))
+            limit = account.limit(bucket, name)
+            windows.append(
+                UsageWindow(
+                    name,
+                    duration,
+                    turns,
+                    tokens,
+                    max_turns=None if limit is None else limit.max_turns,
+                    max_tokens=None if limit is None else limit.max_tokens,
+                    enabled=limit is not None,
+                )
+            )
+        report[bucket] = tuple(windows)
+    return report
 
 
 class Store(Protocol):
     """What the runtime needs of persistent state.
 
-    Every method is async so that implementations can do IO (in worker threads
-    for SQLite); none may block the event loop.
+    Every method but :meth:`end_turn` is async so that implementations can do
+    IO (in a worker thread for SQLite); none may block the event loop. Errors
+    of the storage itself surface as :class:`~runtime.StoreError`.
     """
-
-    async def get_account(self, account_id: str) -> Account:
-        """Return the account. Raises :class:`NotFound`."""
-        ...
-
-    async def check_can_start(self, account_id: str) -> None:
-        """Raise :class:`OutOfCredits` if the account may not start a turn."""
-        ...
-
-    async def record_usage(self, record: UsageRecord) -> bool:
-        """Write the usage record and debit its credits in one step.
-
-        Returns:
-          True if written; False if a record with this response id exists
-          (nothing is written or debited twice).
-        """
-        ...
-
-    async def usage_records(self, account_id: str, *, limit: int = 100) -> list[UsageRecord]:
-        """The account's most recent usage records, newest first."""
-        ...
 
     async def authenticate(self, api_key: str) -> str:
         """Return the id of the account that owns ``api_key``.
@@ -142,11 +161,107 @@ class Store(Protocol):
         """
         ...
 
+    async def get_account(self, account_id: str) -> Account:
+        """Return the account. Raises :class:`NotFound`."""
+        ...
+
+    async def begin_turn(self, record: TurnRecord) -> None:
+        """Admit a new turn and record it as running, in one step.
+
+        Raises:
+          NotFound: unknown account.
+          OutOfCredits: hard credit mode and the balance is at the minimum.
+          RateLimited: a window of the turn's bucket is full.
+        """
+        ...
+
+    async def complete_turn(self, usage: UsageRecord, record: TurnRecord) -> bool:
+        """The ledger transaction: write the usage record, debit its credits and
+        store the turn's final record, all or nothing.
+
+        Returns:
+          True if written; False if a usage record with this response id
+          exists (nothing is written or debited twice).
+        """
+        ...
+
+    def end_turn(self, record: TurnRecord) -> None:
+        """Queue the final record of a cancelled or failed turn (no charge).
+
+        Synchronous and non-blocking: it runs right after a terminal event,
+        on the path a cancel's latency is measured on. A crash before the
+        write lands leaves the turn running in the store, and the next
+        start-up records it as interrupted.
+        """
+
+    async def get_turn(self, response_id: str) -> TurnRecord | None:
+        """The turn's record, if the store has it."""
+        ...
+
+    async def usage_records(self, account_id: str, *, limit: int = 100) -> list[UsageRecord]:
+        """The account's most recent usage records, newest first."""
+        ...
+
+    async def usage_windows(self, account_id: str) -> dict[str, tuple[UsageWindow, ...]]:
+        """Turns and tokens per bucket and window, with the account's limits."""
+        ...
+
+    async def save_session(self, record: SessionRecord) -> None:
+        """Store a persistent session (it and its turns survive a restart)."""
+        ...
+
+    async def delete_session(self, session_id: str) -> None:
+        """Forget a persistent session (its turn records stay for the windows)."""
+        ...
+
+    async def recover(self) -> Recovered:
+        """At start-up: record running turns as cancelled (``interrupted``),
+        drop expired sessions and old turn records, and return the persistent
+        sessions with their histories."""
+        ...
+
+    async def get_idempotency_key(self, account_id: str, key: str) -> IdempotencyRecord | None:
+        """The binding of ``key``, if the store still has it (the caller checks
+        its age; stores drop bindings older than a day when they purge)."""
+        ...
+
+    async def put_idempotency_key(self, record: IdempotencyRecord) -> None:
+        """Bind a key (the first binding of a key wins; a repeat is ignored)."""
+        ...
+
+
+def interrupted(record: TurnRecord, now: float) -> TurnRecord:
+    """``record`` (running when the process died) as cancelled, unbilled.
+
+    What it streamed before the crash is not kept (it was only ever in
+    memory): the record says what was asked and how it ended.
+    """
+    response = None
+    if record.session_id is None:
+        response = ResponseSnapshot(
+            id=record.id,
+            status="cancelled",
+            model=record.model,
+            created_at=record.created_at,
+            cancel_reason=INTERRUPTED,
+        )
+    return attrs.evolve(
+        record,
+        status="cancelled",
+        cancel_reason=INTERRUPTED,
+        finished_at=now,
+        usage=None,
+        response=response,
+    )
+
 
 @final
 @attrs.define(eq=False)
 class MemoryStore:
-    """A :class:`Store` in memory: nothing survives the process.
+    """A :class:`Store` in memory: nothing survives the process, but one
+    instance given to successive ``Runtime.open`` calls behaves like a store
+    across restarts (persistent sessions come back, running turns become
+    interrupted).
 
     Args:
       default_credits: balance of the :data:`DEFAULT_ACCOUNT`, created at once.
@@ -157,11 +272,17 @@ class MemoryStore:
     default_mode: CreditMode = CreditMode.HARD
     _accounts: dict[str, Account] = attrs.field(factory=dict, init=False)
     _records: dict[str, UsageRecord] = attrs.field(factory=dict, init=False)
+    _turns: dict[str, TurnRecord] = attrs.field(factory=dict, init=False)
+    _sessions: dict[str, SessionRecord] = attrs.field(factory=dict, init=False)
+    _keys: dict[tuple[str, str], IdempotencyRecord] = attrs.field(factory=dict, init=False)
     #: sha256(key) -> account id. The keys themselves are never stored.
     _key_hashes: dict[bytes, str] = attrs.field(factory=dict, init=False)
+    _purged_at: float = attrs.field(factory=time.time, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.create_account(DEFAULT_ACCOUNT, credits=self.default_credits, mode=self.default_mode)
+
+    # -- administration (synchronous: nothing to wait for) ---------------------
 
     def create_account(
         self,
@@ -170,11 +291,31 @@ class MemoryStore:
         credits: float = 0.0,
         mode: CreditMode = CreditMode.HARD,
         min_balance: float = 0.0,
+        limits: tuple[WindowLimit, ...] = (),
     ) -> Account:
         """Create (or replace) an account."""
         if not account_id:
             raise InvalidRequest("account id must not be empty")
-        account = Account(account_id, float(credits), mode, min_balance)
+        account = Account(account_id, float(credits), mode, min_balance, tuple(limits))
+        self._accounts[account_id] = account
+        return account
+
+    def set_account(
+        self,
+        account_id: str,
+        *,
+        mode: CreditMode | None = None,
+        min_balance: float | None = None,
+        limits: tuple[WindowLimit, ...] | None = None,
+    ) -> Account:
+        """Change an account's credit ``mode``, ``min_balance`` or ``limits``."""
+        account = self._account(account_id)
+        account = attrs.evolve(
+            account,
+            mode=account.mode if mode is None else mode,
+            min_balance=account.min_balance if min_balance is None else min_balance,
+            limits=account.limits if limits is None else tuple(limits),
+        )
         self._accounts[account_id] = account
         return account
 
@@ -203,7 +344,7 @@ class MemoryStore:
         digest = hash_key(api_key)
         account_id = self._key_hashes.get(digest)
         if account_id is None:
-            account_id = "acct_" + digest.hex()[:24]
+            account_id = account_id_for(digest)
             if account_id not in self._accounts:
                 self.create_account(account_id, credits=credits)
             self._key_hashes[digest] = account_id
@@ -213,6 +354,8 @@ class MemoryStore:
     def has_api_keys(self) -> bool:
         return bool(self._key_hashes)
 
+    # -- the Store interface ---------------------------------------------
+
     async def authenticate(self, api_key: str) -> str:
         await trio.lowlevel.checkpoint()
         return lookup_key(self._key_hashes, api_key)
@@ -221,24 +364,131 @@ class MemoryStore:
         await trio.lowlevel.checkpoint()
         return self._account(account_id)
 
-    async def check_can_start(self, account_id: str) -> None:
+    async def begin_turn(self, record: TurnRecord) -> None:
         await trio.lowlevel.checkpoint()
-        account = self._account(account_id)
-        if account.mode is CreditMode.HARD and account.balance <= account.min_balance:
-            raise OutOfCredits(
-                f"account {account_id} has {account.balance:g} credits left; "
-                f"add credits to start new turns"
+        account = self._account(record.account_id)
+        check_credits(account)
+        now = time.time()
+        for name, duration in WINDOWS.items():
+            limit = account.limit(record.bucket, name)
+            if limit is None:
+                continue
+            since = now - duration
+            starts = sorted(
+                t.created_at
+                for t in self._turns.values()
+                if t.account_id == account.id and t.bucket == record.bucket and t.created_at > since
             )
+            if limit.max_turns is not None and len(starts) >= limit.max_turns:
+                # One more fits once the oldest len-max+1 starts have left the window.
+                retry_at = starts[len(starts) - limit.max_turns] + duration
+                raise refuse(limit, "turns", len(starts), limit.max_turns, retry_at)
+            used = sorted(
+                (u.created_at, u.tokens)
+                for u in self._records.values()
+                if u.account_id == account.id and u.bucket == record.bucket and u.created_at > since
+            )
+            tokens = sum(n for _, n in used)
+            if limit.max_tokens is not None and used and tokens >= limit.max_tokens:
+                raise refuse(limit, "tokens", tokens, limit.max_tokens, used[0][0] + duration)
+        self._turns[record.id] = record
 
-    async def record_usage(self, record: UsageRecord) -> bool:
+    async def complete_turn(self, usage: UsageRecord, record: TurnRecord) -> bool:
         await trio.lowlevel.checkpoint()
-        if record.response_id in self._records:
+        if usage.response_id in self._records:
             return False
-        self.add_credits(record.account_id, -record.credits)
-        self._records[record.response_id] = record
+        self.add_credits(usage.account_id, -usage.credits)
+        self._records[usage.response_id] = usage
+        self._finish(record)
         return True
+
+    def end_turn(self, record: TurnRecord) -> None:
+        self._finish(record)
+
+    def _finish(self, record: TurnRecord) -> None:
+        self._turns[record.id] = record
+        session = self._sessions.get(record.session_id or "")
+        if session is not None and record.finished_at is not None:
+            self._sessions[session.id] = attrs.evolve(session, last_activity=record.finished_at)
+
+    async def get_turn(self, response_id: str) -> TurnRecord | None:
+        await trio.lowlevel.checkpoint()
+        return self._turns.get(response_id)
 
     async def usage_records(self, account_id: str, *, limit: int = 100) -> list[UsageRecord]:
         await trio.lowlevel.checkpoint()
         mine = [r for r in self._records.values() if r.account_id == account_id]
         return sorted(mine, key=lambda r: r.created_at, reverse=True)[:limit]
+
+    async def usage_windows(self, account_id: str) -> dict[str, tuple[UsageWindow, ...]]:
+        await trio.lowlevel.checkpoint()
+        account = self._account(account_id)
+        now = time.time()
+
+        def use() -> Iterable[tuple[str, str, int, int]]:
+            for bucket in BUCKETS:
+                for name, duration in WINDOWS.items():
+                    since = now - duration
+                    turns = sum(
+                        1
+                        for t in self._turns.values()
+                        if t.account_id == account_id
+                        and t.bucket == bucket
+                        and t.created_at > since
+                    )
+                    tokens = sum(
+                        u.tokens
+                        for u in self._records.values()
+                        if u.account_id == account_id
+                        and u.bucket == bucket
+                        and u.created_at > since
+                    )
+                    yield bucket, name, turns, tokens
+
+        return window_report(account, use())
+
+    async def save_session(self, record: SessionRecord) -> None:
+        await trio.lowlevel.checkpoint()
+        self._sessions[record.id] = record
+
+    async def delete_session(self, session_id: str) -> None:
+        await trio.lowlevel.checkpoint()
+        self._sessions.pop(session_id, None)
+
+    async def recover(self) -> Recovered:
+        await trio.lowlevel.checkpoint()
+        now = time.time()
+        running = [t for t in self._turns.values() if t.status == "in_progress"]
+        for turn in running:
+            self._turns[turn.id] = interrupted(turn, now)
+        for sid, session in list(self._sessions.items()):
+            if session.created_at + session.ttl <= now:
+                del self._sessions[sid]
+        for rid, turn in list(self._turns.items()):
+            if turn.created_at < now - TURN_RETENTION and turn.session_id not in self._sessions:
+                del self._turns[rid]
+        histories: dict[str, list[TurnRecord]] = {sid: [] for sid in self._sessions}
+        for turn in sorted(self._turns.values(), key=lambda t: t.created_at):
+            if turn.session_id in histories:
+                histories[turn.session_id].append(turn)
+        return Recovered(
+            tuple((s, tuple(histories[s.id])) for s in self._sessions.values()), len(running)
+        )
+
+    async def get_idempotency_key(self, account_id: str, key: str) -> IdempotencyRecord | None:
+        await trio.lowlevel.checkpoint()
+        return self._keys.get((account_id, key))
+
+    async def put_idempotency_key(self, record: IdempotencyRecord) -> None:
+        await trio.lowlevel.checkpoint()
+        self._keys.setdefault((record.account_id, record.key), record)
+        now = time.time()
+        if now - self._purged_at > PURGE_EVERY:
+            self._purged_at = now
+            for slot in [s for s, r in self._keys.items() if r.created_at < now - KEY_RETENTION]:
+                del self._keys[slot]
+
+
+def account_id_for(digest: bytes) -> str:
+    """The account id ``ensure_account_for_key`` gives a key's digest."""
+    return "acct_" + digest.hex()[:24]

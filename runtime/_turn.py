@@ -35,8 +35,8 @@ import trio
 from ._buffer import EventBuffer
 from ._errors import AgentRuntimeError, NotFound
 from ._events import ResponseSnapshot
+from ._records import ToolCallRecord, TurnRecord, UsageRecord
 from ._state import CancelOutcome, TurnInput, TurnState, cancel_outcome, next_state
-from ._store import UsageRecord
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
@@ -53,6 +53,8 @@ SESSION_EXPIRED: Final = "session_expired"
 SHUTDOWN: Final = "shutdown"
 #: How long a finalizing turn waits for the ledger before it fails unbilled.
 LEDGER_TIMEOUT: Final = 30.0
+#: The error name of a turn that failed because the store did (DESIGN: store_error).
+STORE_ERROR: Final = "store_error"
 
 
 class TurnBody(Protocol):
@@ -73,33 +75,6 @@ class TurnBody(Protocol):
 
     def failed(self, turn: Turn, error: str) -> None:
         """Append the terminal event of a failed turn."""
-
-
-@attrs.frozen(kw_only=True)
-class HistoryEntry:
-    """A turn as its session remembers it: what ``GET …/messages`` shows and
-    what later turns get as context, without the turn's event buffer."""
-
-    id: str
-    status: str
-    input: str
-    output_text: str
-    tool_calls: tuple[ToolCallRecord, ...]
-    usage: Usage | None
-    created_at: float
-    cancel_reason: str | None = None
-    error: str | None = None
-
-
-@attrs.frozen
-class ToolCallRecord:
-    """A tool call a turn made, with its result."""
-
-    id: str
-    name: str
-    arguments: str
-    output: str
-    is_error: bool
 
 
 @final
@@ -137,6 +112,8 @@ class Turn:
     #: first runs must still land (trio lets a scope be cancelled before entry).
     _scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
     _done: trio.Event = attrs.field(factory=trio.Event, init=False)
+    #: True once the store has admitted the turn (so it must hear how it ended).
+    _begun: bool = attrs.field(default=False, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.buffer = EventBuffer(self.id)
@@ -176,19 +153,33 @@ class Turn:
         result: ResponseSnapshot = make(self, self.status)
         return result
 
-    def history_entry(self) -> HistoryEntry:
-        """The turn as an item of its session's history."""
-        return HistoryEntry(
+    def record(self) -> TurnRecord:
+        """The turn as it stands, as the store and its session's history keep it."""
+        response = None
+        if self.is_stateless and self.state.is_terminal:
+            response = self.response_snapshot()
+        return TurnRecord(
             id=self.id,
+            account_id=self.account_id,
+            session_id=self.session_id,
+            model=self.model,
             status=self.status,
             input=self.input,
+            created_at=self.created_at,
             output_text=self.output_text,
             tool_calls=tuple(self.tool_calls),
             usage=self.usage,
-            created_at=self.created_at,
             cancel_reason=self.cancel_reason,
             error=self.error,
+            finished_at=self.finished_at,
+            response=response,
         )
+
+    async def _begin(self) -> None:
+        """Have the store admit the turn (credits, rate limits) and record it
+        as running. Raises what :meth:`Store.begin_turn` raises."""
+        await self._store.begin_turn(self.record())
+        self._begun = True
 
     # -- public API -----------------------------------------------------
 
@@ -282,15 +273,18 @@ class Turn:
     async def _finalize(self, usage: Usage) -> None:
         """Charge a finished turn exactly once, then append its terminal event.
 
-        Shielded, so a shutdown cannot leave the turn charged-but-unfinished
-        or finished-unpaid; bounded, so a stuck ledger cannot hold shutdown
-        forever. Any failure here ends the turn ``failed`` and unbilled (the
-        record is keyed by response id, so a late write is still unique).
+        The usage record, the debit and the turn's final record are one store
+        transaction. Shielded, so a shutdown cannot leave the turn
+        charged-but-unfinished or finished-unpaid; bounded, so a stuck store
+        cannot hold shutdown forever. Any failure here ends the turn
+        ``failed`` (``store_error``) and unbilled: the transaction either
+        happened or not, and a late write is still unique by response id.
         """
         assert self.state is TurnState.FINALIZING
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + LEDGER_TIMEOUT
             try:
+                now = time.time()
                 record = UsageRecord(
                     response_id=self.id,
                     account_id=self.account_id,
@@ -299,22 +293,37 @@ class Turn:
                     input_tokens=usage.input_tokens,
                     output_tokens=usage.output_tokens,
                     credits=self._pricing.cost(usage),
-                    created_at=time.time(),
+                    created_at=now,
                     estimated=usage.estimated,
                 )
+                final = attrs.evolve(
+                    self.record(), status=TurnState.COMPLETED.value, usage=usage, finished_at=now
+                )
+                make = getattr(self._body, "snapshot", None)
+                if make is not None:
+                    final = attrs.evolve(
+                        final, response=make(self, TurnState.COMPLETED.value, usage=usage)
+                    )
                 if self._hook_finalizing is not None:
                     await self._hook_finalizing(self)
-                await self._store.record_usage(record)
+                await self._store.complete_turn(record, final)
             except Exception as exc:
                 logger.exception("turn %s: writing its usage failed", self.id)
-                self._end_failed(f"billing failed: {type(exc).__name__}: {exc}")
+                self._end_failed(
+                    f"{STORE_ERROR}: the turn's usage could not be recorded, so it is not "
+                    f"billed ({type(exc).__name__}: {exc})"
+                )
                 return
         if scope.cancelled_caught:
-            logger.error("turn %s: the ledger did not answer in %s s", self.id, LEDGER_TIMEOUT)
-            self._end_failed(f"billing failed: the ledger did not answer in {LEDGER_TIMEOUT} s")
+            logger.error("turn %s: the store did not answer in %s s", self.id, LEDGER_TIMEOUT)
+            self._end_failed(
+                f"{STORE_ERROR}: the store did not answer in {LEDGER_TIMEOUT:g} s; "
+                f"the turn is not billed"
+            )
             return
         self._fire(TurnInput.FINALIZED)
         self.usage = usage
+        self.finished_at = final.finished_at
         self._end(lambda: self._body.completed(self, usage))
 
     def _end_failed(self, error: str) -> None:
@@ -344,9 +353,13 @@ class Turn:
         self.buffer.seal()
         append_terminal()
         assert self.buffer.closed, f"{self!r}: the body appended no terminal event"
-        self.finished_at = time.time()
+        if self.finished_at is None:
+            self.finished_at = time.time()
         self._done.set()
         self._on_finished(self)
+        if self._begun and self.state is not TurnState.COMPLETED:
+            # A completed turn's record went with its ledger transaction.
+            self._store.end_turn(self.record())
 
 
 def lookup(turns: dict[str, Turn], response_id: str) -> Turn:

@@ -8,6 +8,7 @@ with their status and are mapped in one handler.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import TYPE_CHECKING, Any, Final
 
@@ -20,6 +21,7 @@ from runtime import (
     AgentRuntimeError,
     InvalidRequest,
     NotFound,
+    RateLimited,
     Replayed,
     Runtime,
     ShuttingDown,
@@ -45,14 +47,16 @@ from ._openai_wire import parse_request, response_object
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
+    from runtime import TurnRecord
+
 JSON_LIMIT: Final = 1024 * 1024
 FILE_LIMIT: Final = 64 * 1024 * 1024
 PING_INTERVAL: Final = 15.0
 _DURATION_RE: Final = re.compile(r"(\d+(?:\.\d+)?)([smh])")
 REPLAYED_NOTE: Final = (
-    "this idempotency key's turn has finished and its events are no longer buffered; "
-    "GET /v1/sessions/{sid}/responses/{rid} or /v1/responses/{rid} while it is kept, "
-    "and use a new key for a new turn"
+    "this idempotency key's turn has ended and its events are no longer buffered; "
+    "'response' is its final state (also at GET /v1/sessions/{sid}/responses/{rid} "
+    "or /v1/responses/{rid}); use a new key for a new turn"
 )
 
 
@@ -117,6 +121,8 @@ def create_app(
         response = json_response(error_json(exc), exc.status_hint)
         if exc.status_hint == 401:
             response.headers["WWW-Authenticate"] = "Bearer"
+        if isinstance(exc, RateLimited):
+            response.headers["Retry-After"] = str(math.ceil(exc.retry_after))
         return response
 
     @app.errorhandler(HTTPException)
@@ -227,7 +233,7 @@ def create_app(
         # it, and it stays retrievable (and cancellable) by id meanwhile.
         result = await start_turn(body, start)
         if isinstance(result, Replayed):
-            return replayed(result)
+            return await replayed(result)
         await result.wait_finished()
         response = json_response(response_object(result.response_snapshot()))
         response.headers["X-Response-Id"] = result.id
@@ -240,11 +246,17 @@ def create_app(
 
     @app.get("/v1/sessions/<sid>/responses/<rid>")
     async def get_session_response(sid: str, rid: str) -> Response:
-        return json_response(turn_json(session_turn(sid, rid)))
+        record = await rt.turn_record(rid, account_id=g.account_id)
+        if record.session_id != sid:
+            raise NotFound(f"response {rid!r} is unknown in session {sid!r}")
+        return json_response(turn_json(record, rt.find_turn(rid)))
 
     @app.get("/v1/responses/<rid>")
     async def get_response(rid: str) -> Response:
-        return json_response(response_object(stateless_turn(rid).response_snapshot()))
+        record = await rt.turn_record(rid, account_id=g.account_id)
+        if record.session_id is not None:
+            raise NotFound(f"response {rid!r} is not a stateless response")
+        return json_response(stateless_json(record))
 
     @app.get("/v1/sessions/<sid>/responses/<rid>/events")
     async def resume_session(sid: str, rid: str) -> Response:
@@ -294,15 +306,34 @@ def create_app(
             g.account_id, key, fingerprint(request.path, canonical), start, rt.find_turn
         )
 
-    def replayed(result: Replayed) -> Response:
-        return json_response(
-            {"response_id": result.response_id, "status": "replayed", "note": REPLAYED_NOTE}
-        )
+    def stateless_json(record: TurnRecord) -> dict[str, Any]:
+        turn = rt.find_turn(record.id)
+        if turn is not None:
+            return response_object(turn.response_snapshot())
+        assert record.response is not None, "a finished stateless turn keeps its response"
+        return response_object(record.response)
+
+    async def replayed(result: Replayed) -> Response:
+        """A retry whose turn has left memory: its final state, from the store."""
+        body: dict[str, Any] = {
+            "response_id": result.response_id,
+            "status": "replayed",
+            "note": REPLAYED_NOTE,
+        }
+        try:
+            record = await rt.turn_record(result.response_id, account_id=g.account_id)
+        except NotFound:
+            pass  # purged: only the binding is left
+        else:
+            body["response"] = (
+                turn_json(record) if record.session_id is not None else stateless_json(record)
+            )
+        return json_response(body)
 
     async def start_stream(body: dict[str, Any], start: Any) -> Response:
         result = await start_turn(body, start)
         if isinstance(result, Replayed):
-            return replayed(result)
+            return await replayed(result)
         return await stream(result, None)
 
     async def stream(turn: Turn, after: int | None) -> Response:

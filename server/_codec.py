@@ -24,7 +24,7 @@ from runtime import (
 from ._openai_wire import response_event
 
 if TYPE_CHECKING:
-    from runtime._turn import HistoryEntry
+    from runtime import TurnRecord
     from runtime._usage import UsageReport, UsageWindow
 
 converter: Final = cattrs.Converter()
@@ -77,7 +77,7 @@ def session_json(session: Session) -> dict[str, Any]:
     }
 
 
-def entry_json(entry: HistoryEntry) -> dict[str, Any]:
+def entry_json(entry: TurnRecord) -> dict[str, Any]:
     """A history item of ``GET /v1/sessions/{id}/messages``."""
     body: dict[str, Any] = {
         "id": entry.id,
@@ -95,14 +95,18 @@ def entry_json(entry: HistoryEntry) -> dict[str, Any]:
     return body
 
 
-def turn_json(turn: Turn) -> dict[str, Any]:
-    """A response object (ours): the history item plus where the turn stands."""
+def turn_json(record: TurnRecord, turn: Turn | None = None) -> dict[str, Any]:
+    """A response object (ours): the history item plus where the turn stands.
+
+    ``last_sequence_number`` is there while the turn's events are buffered
+    (``turn`` given), and ``null`` once only its record is left.
+    """
     return {
-        **entry_json(turn.history_entry()),
-        "object": "response" if turn.is_stateless else "message",
-        "session_id": turn.session_id,
-        "model": turn.model,
-        "last_sequence_number": len(turn.buffer) - 1,
+        **entry_json(record),
+        "object": "response" if record.session_id is None else "message",
+        "session_id": record.session_id,
+        "model": record.model,
+        "last_sequence_number": None if turn is None else len(turn.buffer) - 1,
     }
 
 

@@ -1,4 +1,5 @@
-"""Test doubles: a scripted model whose every step the test controls."""
+"""Test doubles: a scripted model whose every step the test controls, and a
+store wrapper to interpose on."""
 
 from __future__ import annotations
 
@@ -11,6 +12,17 @@ from runtime import ModelChunk, ModelRequest, TextChunk, UsageChunk
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator
+
+    from runtime import (
+        Account,
+        IdempotencyRecord,
+        Recovered,
+        SessionRecord,
+        Store,
+        TurnRecord,
+        UsageRecord,
+        UsageWindow,
+    )
 
 
 @final
@@ -57,3 +69,50 @@ class FakeModel:
                 yield chunk
         finally:
             self.closed += 1
+
+
+@attrs.define(eq=False)
+class DelegatingStore:
+    """A :class:`runtime.Store` that passes every call to ``inner``; subclass
+    it and override the calls to interpose on."""
+
+    inner: Store
+
+    async def authenticate(self, api_key: str) -> str:
+        return await self.inner.authenticate(api_key)
+
+    async def get_account(self, account_id: str) -> Account:
+        return await self.inner.get_account(account_id)
+
+    async def begin_turn(self, record: TurnRecord) -> None:
+        await self.inner.begin_turn(record)
+
+    async def complete_turn(self, usage: UsageRecord, record: TurnRecord) -> bool:
+        return await self.inner.complete_turn(usage, record)
+
+    def end_turn(self, record: TurnRecord) -> None:
+        self.inner.end_turn(record)
+
+    async def get_turn(self, response_id: str) -> TurnRecord | None:
+        return await self.inner.get_turn(response_id)
+
+    async def usage_records(self, account_id: str, *, limit: int = 100) -> list[UsageRecord]:
+        return await self.inner.usage_records(account_id, limit=limit)
+
+    async def usage_windows(self, account_id: str) -> dict[str, tuple[UsageWindow, ...]]:
+        return await self.inner.usage_windows(account_id)
+
+    async def save_session(self, record: SessionRecord) -> None:
+        await self.inner.save_session(record)
+
+    async def delete_session(self, session_id: str) -> None:
+        await self.inner.delete_session(session_id)
+
+    async def recover(self) -> Recovered:
+        return await self.inner.recover()
+
+    async def get_idempotency_key(self, account_id: str, key: str) -> IdempotencyRecord | None:
+        return await self.inner.get_idempotency_key(account_id, key)
+
+    async def put_idempotency_key(self, record: IdempotencyRecord) -> None:
+        await self.inner.put_idempotency_key(record)

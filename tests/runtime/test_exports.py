@@ -25,6 +25,8 @@ EXPECTED = {
     "ToolCallRequest", "ToolCallStart", "ToolResult", "ToolSpec", "ToolUseExecuting",
     "ToolUseInputDelta", "ToolUseStart", "ToolUseStop", "Turn", "TurnState", "Usage",
     "UsageChunk", "UsageRecord", "Workspace",
+    "IdempotencyRecord", "RateLimited", "Recovered", "SQLiteStore", "SessionRecord",
+    "StoreError", "TurnRecord", "WindowLimit",
 }  # fmt: skip
 
 

@@ -12,6 +12,7 @@ from runtime import (
     IdempotencyConflict,
     IdempotencyKeys,
     InvalidRequest,
+    MemoryStore,
     Replayed,
     Runtime,
     SessionBusy,
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 async def test_idempotency_same_key_same_turn(rt: Runtime) -> None:
     """A repeat of the same request gets the same turn; no second turn starts."""
     session = await rt.create_session()
-    keys = IdempotencyKeys()
+    keys = IdempotencyKeys(MemoryStore())
     fp = fingerprint(session.id, "hi")
     first = await keys.run("a", "k", fp, lambda: session.send("hi"), rt.find_turn)
     assert isinstance(first, Turn)
@@ -40,7 +41,7 @@ async def test_idempotency_same_key_same_turn(rt: Runtime) -> None:
 async def test_idempotency_conflict_and_accounts(rt: Runtime) -> None:
     """Another body with the key is a conflict (422); another account may reuse it."""
     session = await rt.create_session()
-    keys = IdempotencyKeys()
+    keys = IdempotencyKeys(MemoryStore())
     await keys.run("a", "k", fingerprint("x"), lambda: session.send("hi"), rt.find_turn)
     with pytest.raises(IdempotencyConflict) as info:
         await keys.run("a", "k", fingerprint("y"), lambda: session.send("hi"), rt.find_turn)
@@ -53,7 +54,7 @@ async def test_idempotency_conflict_and_accounts(rt: Runtime) -> None:
 async def test_idempotency_evicted_turn_is_replayed(rt: Runtime) -> None:
     """Once the turn is no longer buffered, the key answers Replayed(response_id)."""
     session = await rt.create_session()
-    keys = IdempotencyKeys()
+    keys = IdempotencyKeys(MemoryStore())
     turn = await keys.run("a", "k", "fp", lambda: session.send("hi"), rt.find_turn)
     assert isinstance(turn, Turn)
     result = await keys.run("a", "k", "fp", lambda: session.send("hi"), lambda rid: None)
@@ -63,7 +64,7 @@ async def test_idempotency_evicted_turn_is_replayed(rt: Runtime) -> None:
 async def test_idempotency_expired_key_starts_a_new_turn(rt: Runtime) -> None:
     """A key older than its ttl is forgotten: the same request starts a new turn."""
     session = await rt.create_session()
-    keys = IdempotencyKeys(ttl=0.0)
+    keys = IdempotencyKeys(MemoryStore(), ttl=0.0)
     first = await keys.run("a", "k", "fp", lambda: session.send("hi"), rt.find_turn)
     assert isinstance(first, Turn)
     await first.wait_finished()
@@ -79,7 +80,7 @@ async def test_idempotency_concurrent_requests_start_one_turn(
     """race: ten concurrent requests with one key start exactly one turn and all get it."""
     model.steps = [["block", UsageChunk(1, 1)]]
     session = await rt.create_session()
-    keys = IdempotencyKeys()
+    keys = IdempotencyKeys(MemoryStore())
     got: list[Turn | Replayed] = []
 
     async def request() -> None:
@@ -98,7 +99,7 @@ async def test_idempotency_failed_start_releases_the_key(rt: Runtime, model: Fak
     model.steps = [["block", UsageChunk(1, 1)]]
     session = await rt.create_session()
     running = await session.send("first")
-    keys = IdempotencyKeys()
+    keys = IdempotencyKeys(MemoryStore())
     with pytest.raises(SessionBusy):
         await keys.run("a", "k", "fp", lambda: session.send("hi"), rt.find_turn)
     model.gate.set()
@@ -111,8 +112,9 @@ async def test_idempotency_failed_start_releases_the_key(rt: Runtime, model: Fak
 @pytest.mark.parametrize("key", ["", "x" * 256])
 async def test_idempotency_key_length(rt: Runtime, key: str) -> None:
     """Empty or over-long keys are InvalidRequest (400)."""
+    keys = IdempotencyKeys(MemoryStore())
     with pytest.raises(InvalidRequest):
-        await IdempotencyKeys().run("a", key, "fp", lambda: rt.respond("hi"), rt.find_turn)
+        await keys.run("a", key, "fp", lambda: rt.respond("hi"), rt.find_turn)
 
 
 def test_idempotency_fingerprint_separates_parts() -> None:

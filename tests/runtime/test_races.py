@@ -31,23 +31,24 @@ from runtime import (
     TurnState,
     Usage,
     UsageChunk,
-    UsageRecord,
 )
 from runtime._agent import AgentLoop
 from runtime._tools import ToolBox
 
-from ..fakes import FakeModel
+from ..fakes import DelegatingStore, FakeModel
 from ..helpers import collect, state_of, types
 
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from runtime import Store, TurnRecord, UsageRecord
 
-@attrs.define
-class GatedStore:
-    """A Store that can hold check_can_start or record_usage until released."""
 
-    inner: MemoryStore = attrs.field(factory=MemoryStore)
+@attrs.define(eq=False)
+class GatedStore(DelegatingStore):
+    """A Store that can hold begin_turn, complete_turn or get_account until released."""
+
+    inner: Store = attrs.field(factory=MemoryStore)
     hold_start: trio.Event | None = None
     hold_record: trio.Event | None = None
     hold_account: trio.Event | None = None
@@ -60,22 +61,16 @@ class GatedStore:
             await self.hold_account.wait()
         return await self.inner.get_account(account_id)
 
-    async def check_can_start(self, account_id: str) -> None:
+    async def begin_turn(self, record: TurnRecord) -> None:
         self.start_entered.set()
         if self.hold_start is not None:
             await self.hold_start.wait()
-        await self.inner.check_can_start(account_id)
+        await self.inner.begin_turn(record)
 
-    async def record_usage(self, record: UsageRecord) -> bool:
+    async def complete_turn(self, usage: UsageRecord, record: TurnRecord) -> bool:
         if self.hold_record is not None:
             await self.hold_record.wait()
-        return await self.inner.record_usage(record)
-
-    async def usage_records(self, account_id: str, *, limit: int = 100) -> list[UsageRecord]:
-        return await self.inner.usage_records(account_id, limit=limit)
-
-    async def authenticate(self, api_key: str) -> str:
-        return await self.inner.authenticate(api_key)
+        return await self.inner.complete_turn(usage, record)
 
 
 async def test_race_cancel_before_turn_task_runs_lands(tmp_path: Path) -> None:
@@ -134,8 +129,9 @@ async def test_race_delete_while_send_awaits_the_store(
 
 async def test_race_refused_start_ends_its_turn(tmp_path: Path) -> None:
     """A start refused for credits ends the claimed turn with message.error; session idle."""
-    store = GatedStore(hold_start=trio.Event())
-    store.inner.create_account("poor", credits=0.0)
+    inner = MemoryStore()
+    inner.create_account("poor", credits=0.0)
+    store = GatedStore(inner, hold_start=trio.Event())
     async with Runtime.open(data_dir=tmp_path, model=FakeModel(), store=store) as rt:
         session = await rt.create_session(account_id="poor")
         refused: list[OutOfCredits] = []
@@ -174,7 +170,7 @@ async def test_race_ledger_that_hangs_fails_the_turn(
         start = trio.current_time()
         terminal = await turn.wait_finished()
         assert isinstance(terminal, MessageError)
-        assert "ledger" in terminal.error
+        assert terminal.error.startswith("store_error:")
         assert trio.current_time() - start == pytest.approx(LEDGER_TIMEOUT, abs=0.01)
     assert await store.inner.usage_records("local") == []
 
@@ -197,7 +193,7 @@ async def test_race_bad_usage_fails_only_that_turn(tmp_path: Path) -> None:
         session = await rt.create_session()
         assert types(await collect(await session.send("hi")))[-1] == "message.error"
         assert rt.statistics().running_turns == 0
-    assert await rt.store.usage_records("local") == []
+        assert await rt.store.usage_records("local") == []
 
 
 def test_usage_must_be_non_negative_ints() -> None:
@@ -255,7 +251,10 @@ async def test_race_session_forgets_evicted_turns(
     import gc
     import weakref
 
-    async with Runtime.open(data_dir=tmp_path, model=FakeModel(), grace_seconds=5) as rt:
+    # A MemoryStore: the autojump clock would jump while the SQLite thread works.
+    async with Runtime.open(
+        data_dir=tmp_path, model=FakeModel(), store=MemoryStore(), grace_seconds=5
+    ) as rt:
         session = await rt.create_session(persistent=True)
         turn = await session.send("hi")
         await turn.wait_finished()

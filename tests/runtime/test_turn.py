@@ -72,7 +72,7 @@ async def test_turn_completes_and_is_billed_once(rt: Runtime, store: MemoryStore
     assert (record.input_tokens, record.output_tokens, record.credits) == (3, 2, COST)
     assert (await store.get_account("local")).balance == 1000.0 - COST
     # The ledger refuses a second write for the same response id.
-    assert await store.record_usage(record) is False
+    assert await store.complete_turn(record, turn.record()) is False
     assert (await store.get_account("local")).balance == 1000.0 - COST
 
 

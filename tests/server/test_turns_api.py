@@ -901,11 +901,18 @@ async def test_idempotency_after_eviction_is_replayed_json(harness: Harness) -> 
     assert retry.status_code == 200
     assert retry.headers["Content-Type"].startswith("application/json")
     body = retry.json()
-    assert set(body) == {"response_id", "status", "note"}
+    assert set(body) == {"response_id", "status", "note", "response"}
     assert body["response_id"] == rid
     assert body["status"] == "replayed"
     assert isinstance(body["note"], str)
     assert body["note"]
+    # The final state of the turn, from the store: the same as GET .../responses/{rid}.
+    assert body["response"]["id"] == rid
+    assert body["response"]["status"] == "completed"
+    assert body["response"]["last_sequence_number"] is None
+    got = await harness.client.get(turn_url(sid, rid, ""))
+    assert got.status_code == 200
+    assert got.json() == body["response"]
     assert_error(events, 404, "not_found")
     assert_error(cancel, 404, "not_found")
     assert len(harness.rt.get_session(sid).history()) == 1

@@ -1,0 +1,919 @@
+"""The SQLite store: the default :class:`~runtime.Store` of ``Runtime.open``
+and ``agent-runtime serve``.
+
+Theory of operation
+-------------------
+One database file, ``data_dir/agent-runtime.db``, in WAL mode, and one
+connection owned by one writer thread. Every operation is a function of the
+connection, sent to that thread through a queue. The thread takes whatever has
+queued up and runs it as one transaction (group commit), each operation in its
+own savepoint, so one failing operation (a rate limit, a constraint) rolls
+back only itself, and a hundred turns finishing at once cost one commit. The
+awaiting trio tasks are rescheduled from the thread with one
+``run_sync_soon`` per batch.
+
+Why one thread rather than ``trio.to_thread.run_sync`` per call: SQLite has
+one writer at a time anyway, so a pool would queue on the database lock
+instead of in our queue, and every call would pay for a commit of its own
+(measured in ``benchmarks/store_finalize.py``: see RESULTS.md).
+
+Waiting for an operation is not cancellable: once queued it runs, and its
+caller learns how it ended (as with ``trio.to_thread.run_sync`` without
+``abandon_on_cancel``). Operations are short; the runtime bounds the one that
+matters (a turn's finalize) with its own timeout.
+
+Durability: ``synchronous=NORMAL`` (the SQLite default for WAL). A committed
+transaction survives the process being killed (``SIGKILL``, a crash); an OS
+crash or power loss may lose the last commits, never corrupt the file. Pass
+``synchronous="FULL"`` to fsync every commit.
+
+Schema changes are forward migrations in :data:`MIGRATIONS`, applied at open
+under an immediate transaction and recorded in ``schema_version``; a database
+newer than this code is refused rather than misread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import secrets
+import sqlite3
+import threading
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, TypeVar, final
+
+import attrs
+import cattrs
+import outcome
+import trio
+from cattrs.strategies import configure_tagged_union
+
+from ._errors import InvalidRequest, NotFound, StoreError, Unauthorized
+from ._events import FunctionCall, OutputMessage, ResponseOptions
+from ._model import ToolSpec
+from ._records import (
+    BUCKETS,
+    WINDOWS,
+    Account,
+    CreditMode,
+    IdempotencyRecord,
+    Recovered,
+    SessionRecord,
+    TurnRecord,
+    UsageRecord,
+    UsageWindow,
+    WindowLimit,
+)
+from ._store import (
+    DEFAULT_ACCOUNT,
+    KEY_RETENTION,
+    PURGE_EVERY,
+    TURN_RETENTION,
+    account_id_for,
+    check_credits,
+    hash_key,
+    interrupted,
+    refuse,
+    window_report,
+)
+
+if TYPE_CHECKING:
+    import os
+    from collections.abc import AsyncIterator, Callable, Iterable
+
+logger = logging.getLogger("runtime.store")
+
+T = TypeVar("T")
+
+#: The database's file name inside the data directory.
+DB_NAME: Final = "agent-runtime.db"
+#: Most operations run in one transaction.
+MAX_BATCH: Final = 256
+#: How long a statement waits for another process's write lock (ms).
+BUSY_TIMEOUT_MS: Final = 5000
+
+MIGRATIONS: Final[tuple[str, ...]] = (
+    # 1: accounts, keys, limits, ledger, sessions, turns, idempotency keys.
+    """
+    CREATE TABLE accounts (
+        id          TEXT PRIMARY KEY,
+        balance     REAL NOT NULL,
+        mode        TEXT NOT NULL CHECK (mode IN ('soft', 'hard')),
+        min_balance REAL NOT NULL DEFAULT 0,
+        created_at  REAL NOT NULL
+    );
+    CREATE TABLE api_keys (
+        id         TEXT PRIMARY KEY,
+        hash       BLOB NOT NULL UNIQUE,
+        prefix     TEXT NOT NULL,
+        account_id TEXT NOT NULL REFERENCES accounts (id),
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE rate_limits (
+        account_id TEXT NOT NULL REFERENCES accounts (id),
+        bucket     TEXT NOT NULL,
+        window     TEXT NOT NULL,
+        max_turns  INTEGER,
+        max_tokens INTEGER,
+        PRIMARY KEY (account_id, bucket, window)
+    );
+    CREATE TABLE usage (
+        response_id   TEXT PRIMARY KEY,
+        account_id    TEXT NOT NULL,
+        session_id    TEXT,
+        bucket        TEXT NOT NULL,
+        model         TEXT NOT NULL,
+        input_tokens  INTEGER NOT NULL,
+        output_tokens INTEGER NOT NULL,
+        credits       REAL NOT NULL,
+        created_at    REAL NOT NULL,
+        estimated     INTEGER NOT NULL
+    );
+    CREATE INDEX usage_by_account ON usage (account_id, bucket, created_at);
+    CREATE TABLE sessions (
+        id            TEXT PRIMARY KEY,
+        account_id    TEXT NOT NULL,
+        ttl           REAL NOT NULL,
+        metadata      TEXT NOT NULL,
+        model         TEXT NOT NULL,
+        created_at    REAL NOT NULL,
+        last_activity REAL NOT NULL
+    );
+    CREATE TABLE turns (
+        id         TEXT PRIMARY KEY,
+        account_id TEXT NOT NULL,
+        session_id TEXT,
+        bucket     TEXT NOT NULL,
+        status     TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        record     TEXT NOT NULL
+    );
+    CREATE INDEX turns_by_account ON turns (account_id, bucket, created_at);
+    CREATE INDEX turns_by_session ON turns (session_id, created_at);
+    CREATE INDEX turns_running ON turns (status) WHERE status = 'in_progress';
+    CREATE TABLE idempotency_keys (
+        account_id  TEXT NOT NULL,
+        key         TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        response_id TEXT NOT NULL,
+        created_at  REAL NOT NULL,
+        PRIMARY KEY (account_id, key)
+    );
+    CREATE INDEX idempotency_by_age ON idempotency_keys (created_at);
+    """,
+)
+SCHEMA_VERSION: Final = len(MIGRATIONS)
+
+
+# -- records <-> JSON ------------------------------------------------------------
+
+_json = cattrs.Converter()
+configure_tagged_union(OutputMessage | FunctionCall, _json, tag_name="kind")
+_json.register_unstructure_hook(
+    ResponseOptions,
+    lambda o: {
+        "instructions": o.instructions,
+        "tools": [_json.unstructure(t, ToolSpec) for t in o.tools],
+        "tool_choice": o.tool_choice,
+        "max_output_tokens": o.max_output_tokens,
+        "metadata": o.metadata,
+    },
+)
+_json.register_structure_hook(
+    ResponseOptions,
+    lambda d, _: ResponseOptions(
+        instructions=d["instructions"],
+        tools=tuple(_json.structure(t, ToolSpec) for t in d["tools"]),
+        tool_choice=d["tool_choice"],
+        max_output_tokens=d["max_output_tokens"],
+        metadata=d["metadata"],
+    ),
+)
+
+
+def _dump(record: TurnRecord) -> str:
+    return json.dumps(_json.unstructure(record), separators=(",", ":"))
+
+
+def _load(text: str) -> TurnRecord:
+    return _json.structure(json.loads(text), TurnRecord)
+
+
+# -- the writer thread -------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class _Op:
+    fn: Callable[[sqlite3.Connection], Any]
+    #: The task waiting for the result; None for a queued write nobody awaits.
+    task: trio.lowlevel.Task | None
+    result: outcome.Outcome[Any] | None = None
+
+
+_STOP: Final = object()
+
+
+def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if mode != "wal":
+        raise StoreError(f"{path}: cannot use WAL mode (journal_mode is {mode!r})")
+    conn.execute(f"PRAGMA synchronous = {synchronous}")
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema up to :data:`SCHEMA_VERSION`; return the version found."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = conn.execute("SELECT version FROM schema_version").fetchone()
+        found = 0 if row is None else int(row[0])
+        if found > SCHEMA_VERSION:
+            raise StoreError(
+                f"the database has schema version {found}, newer than this agent-runtime "
+                f"({SCHEMA_VERSION}); upgrade agent-runtime"
+            )
+        for version in range(found + 1, SCHEMA_VERSION + 1):
+            for statement in MIGRATIONS[version - 1].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+        conn.execute("DELETE FROM schema_version")
+        conn.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return found
+
+
+def open_database(
+    path: str | os.PathLike[str], *, synchronous: str = "NORMAL"
+) -> sqlite3.Connection:
+    """A migrated connection in autocommit mode (for administration tools)."""
+    conn = _connect(Path(path), synchronous)
+    try:
+        migrate(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+@final
+class _Worker:
+    """The thread that owns the connection and runs every operation."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._queue: queue.SimpleQueue[_Op | object] = queue.SimpleQueue()
+        self._token = trio.lowlevel.current_trio_token()
+        self._thread = threading.Thread(target=self._main, name="agent-runtime-sqlite", daemon=True)
+        self._stopped = False
+
+    def start(self) -> None:
+        self._thread.start()
+
+    async def stop(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            self._queue.put(_STOP)
+            await trio.to_thread.run_sync(self._thread.join)
+
+    async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` in the writer thread, inside a transaction."""
+        if self._stopped:
+            raise StoreError("the store is closed")
+        task = trio.lowlevel.current_task()
+        self._queue.put(_Op(fn, task))
+        try:
+            # Rescheduled with the op's outcome, which this unwraps.
+            result: T = await trio.lowlevel.wait_task_rescheduled(
+                lambda _: trio.lowlevel.Abort.FAILED
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"the store failed: {type(exc).__name__}: {exc}") from exc
+        return result
+
+    def submit(self, fn: Callable[[sqlite3.Connection], object]) -> None:
+        """Queue ``fn(conn)``; nobody waits for it (failures are logged)."""
+        if self._stopped:
+            logger.error("store closed: a queued write was dropped")
+            return
+        self._queue.put(_Op(fn, None))
+
+    def _main(self) -> None:
+        stop = False
+        while not stop:
+            batch: list[_Op] = []
+            item = self._queue.get()
+            while True:
+                if item is _STOP:
+                    stop = True
+                    break
+                assert isinstance(item, _Op)
+                batch.append(item)
+                if len(batch) >= MAX_BATCH:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                self._run(batch)
+        self._conn.close()
+
+    def _run(self, batch: list[_Op]) -> None:
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            begun = True
+        except sqlite3.Error as exc:
+            begun = False
+            for op in batch:
+                op.result = outcome.Error(exc)
+        if begun:
+            done: list[_Op] = []
+            for op in batch:
+                self._one(conn, op, done)
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._lost(conn, done, exc)
+        self._deliver(batch)
+
+    def _one(self, conn: sqlite3.Connection, op: _Op, done: list[_Op]) -> None:
+        if not conn.in_transaction:  # an earlier failure rolled the batch back
+            conn.execute("BEGIN IMMEDIATE")
+        conn.execute("SAVEPOINT op")
+        try:
+            op.result = outcome.Value(op.fn(conn))
+        except Exception as exc:
+            op.result = outcome.Error(exc)
+            if conn.in_transaction:
+                conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+            else:
+                # SQLite rolled back the whole transaction (disk full, I/O
+                # error): the operations before this one are lost too.
+                self._lost(conn, done, exc)
+                done.clear()
+            return
+        conn.execute("RELEASE op")
+        done.append(op)
+
+    @staticmethod
+    def _lost(conn: sqlite3.Connection, done: list[_Op], exc: BaseException) -> None:
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                logger.exception("store: rollback failed")
+        error = sqlite3.OperationalError(f"the transaction was rolled back: {exc}")
+        for op in done:
+            op.result = outcome.Error(error)
+
+    def _deliver(self, batch: list[_Op]) -> None:
+        def reschedule() -> None:
+            for op in batch:
+                assert op.result is not None
+                if op.task is not None:
+                    trio.lowlevel.reschedule(op.task, op.result)
+                elif isinstance(op.result, outcome.Error):
+                    logger.error("store: a queued write failed: %r", op.result.error)
+
+        try:
+            self._token.run_sync_soon(reschedule)
+        except trio.RunFinishedError:
+            logger.error("store: results delivered after trio.run ended")
+
+
+# -- operations (run in the writer thread) ---------------------------------------
+
+
+def _account(conn: sqlite3.Connection, account_id: str) -> Account:
+    row = conn.execute(
+        "SELECT balance, mode, min_balance FROM accounts WHERE id = ?", (account_id,)
+    ).fetchone()
+    if row is None:
+        raise NotFound(f"unknown account {account_id!r}")
+    limits = tuple(
+        WindowLimit(bucket=b, window=w, max_turns=t, max_tokens=k)
+        for b, w, t, k in conn.execute(
+            "SELECT bucket, window, max_turns, max_tokens FROM rate_limits "
+            "WHERE account_id = ? ORDER BY bucket, window",
+            (account_id,),
+        )
+    )
+    return Account(account_id, row[0], CreditMode(row[1]), row[2], limits)
+
+
+def create_account(
+    conn: sqlite3.Connection,
+    account_id: str,
+    *,
+    credits: float = 0.0,
+    mode: CreditMode = CreditMode.HARD,
+    min_balance: float = 0.0,
+) -> Account:
+    """Insert an account (an existing one is left as it is); return it."""
+    if not account_id:
+        raise InvalidRequest("account id must not be empty")
+    conn.execute(
+        "INSERT OR IGNORE INTO accounts (id, balance, mode, min_balance, created_at) "
+        "VALUES (?, ?, ?, ?, ?)",
+        (account_id, float(credits), mode.value, float(min_balance), time.time()),
+    )
+    return _account(conn, account_id)
+
+
+@attrs.frozen
+class KeyInfo:
+    """An API key as ``keys list`` shows it: never the key itself."""
+
+    id: str
+    prefix: str
+    account_id: str
+    created_at: float
+    balance: float
+    mode: CreditMode
+
+
+def _insert_key(conn: sqlite3.Connection, api_key: str, account_id: str) -> str:
+    if not api_key:
+        raise InvalidRequest("an API key must not be empty")
+    key_id = "key_" + secrets.token_hex(8)
+    conn.execute(
+        "INSERT INTO api_keys (id, hash, prefix, account_id, created_at) VALUES (?, ?, ?, ?, ?)",
+        (key_id, hash_key(api_key), api_key[:12], account_id, time.time()),
+    )
+    return key_id
+
+
+def ensure_account_for_key(conn: sqlite3.Connection, api_key: str, *, credits: float) -> str:
+    """The account of ``api_key``; if the key is new, an account (with
+    ``credits``) and the key's hash are created."""
+    digest = hash_key(api_key)
+    row = conn.execute("SELECT account_id FROM api_keys WHERE hash = ?", (digest,)).fetchone()
+    if row is not None:
+        return str(row[0])
+    account_id = account_id_for(digest)
+    create_account(conn, account_id, credits=credits)
+    _insert_key(conn, api_key, account_id)
+    return account_id
+
+
+def create_key(
+    conn: sqlite3.Connection,
+    *,
+    credits: float = 0.0,
+    mode: CreditMode = CreditMode.HARD,
+    account_id: str | None = None,
+) -> tuple[str, KeyInfo]:
+    """A new key ``pk_local_…``, for ``account_id`` or a new account with
+    ``credits``; returns (the key, shown once; its info)."""
+    api_key = f"pk_local_{secrets.token_urlsafe(24)}"
+    if account_id is None:
+        account_id = "acct_" + secrets.token_hex(12)
+        create_account(conn, account_id, credits=credits, mode=mode)
+    else:
+        _account(conn, account_id)
+    key_id = _insert_key(conn, api_key, account_id)
+    return api_key, _key_info(conn, key_id)
+
+
+def _key_info(conn: sqlite3.Connection, key_id: str) -> KeyInfo:
+    row = conn.execute(
+        "SELECT k.id, k.prefix, k.account_id, k.created_at, a.balance, a.mode "
+        "FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.id = ?",
+        (key_id,),
+    ).fetchone()
+    if row is None:
+        raise NotFound(f"unknown key id {key_id!r}; 'agent-runtime keys list' shows them")
+    return KeyInfo(row[0], row[1], row[2], row[3], row[4], CreditMode(row[5]))
+
+
+def list_keys(conn: sqlite3.Connection) -> list[KeyInfo]:
+    """Every key's id, prefix, account and balance, oldest first."""
+    ids = [r[0] for r in conn.execute("SELECT id FROM api_keys ORDER BY created_at, id")]
+    return [_key_info(conn, key_id) for key_id in ids]
+
+
+def account_of_key(conn: sqlite3.Connection, key_id: str) -> str:
+    return _key_info(conn, key_id).account_id
+
+
+def add_credits(conn: sqlite3.Connection, account_id: str, amount: float) -> Account:
+    """Add ``amount`` (may be negative) to the balance; return the account."""
+    _account(conn, account_id)
+    conn.execute("UPDATE accounts SET balance = balance + ? WHERE id = ?", (amount, account_id))
+    return _account(conn, account_id)
+
+
+def set_mode(
+    conn: sqlite3.Connection, account_id: str, mode: CreditMode, min_balance: float | None = None
+) -> Account:
+    """Set the credit mode (and the per-turn minimum, if given)."""
+    _account(conn, account_id)
+    conn.execute("UPDATE accounts SET mode = ? WHERE id = ?", (mode.value, account_id))
+    if min_balance is not None:
+        conn.execute("UPDATE accounts SET min_balance = ? WHERE id = ?", (min_balance, account_id))
+    return _account(conn, account_id)
+
+
+def set_limit(conn: sqlite3.Connection, account_id: str, limit: WindowLimit) -> Account:
+    """Set one window's limits; both ``None`` removes the limit."""
+    _account(conn, account_id)
+    if limit.max_turns is None and limit.max_tokens is None:
+        conn.execute(
+            "DELETE FROM rate_limits WHERE account_id = ? AND bucket = ? AND window = ?",
+            (account_id, limit.bucket, limit.window),
+        )
+    else:
+        conn.execute(
+            "INSERT OR REPLACE INTO rate_limits VALUES (?, ?, ?, ?, ?)",
+            (account_id, limit.bucket, limit.window, limit.max_turns, limit.max_tokens),
+        )
+    return _account(conn, account_id)
+
+
+def _begin_turn(conn: sqlite3.Connection, record: TurnRecord) -> None:
+    account = _account(conn, record.account_id)
+    check_credits(account)
+    now = time.time()
+    for name, duration in WINDOWS.items():
+        limit = account.limit(record.bucket, name)
+        if limit is None:
+            continue
+        since = now - duration
+        key = (account.id, record.bucket, since)
+        if limit.max_turns is not None:
+            (turns,) = conn.execute(
+                "SELECT count(*) FROM turns WHERE account_id = ? AND bucket = ? AND created_at > ?",
+                key,
+            ).fetchone()
+            if turns >= limit.max_turns:
+                # One more fits once the oldest turns-max+1 have left the window.
+                (oldest,) = conn.execute(
+                    "SELECT created_at FROM turns "
+                    "WHERE account_id = ? AND bucket = ? AND created_at > ? "
+                    "ORDER BY created_at LIMIT 1 OFFSET ?",
+                    (*key, turns - limit.max_turns),
+                ).fetchone()
+                raise refuse(limit, "turns", turns, limit.max_turns, oldest + duration)
+        if limit.max_tokens is not None:
+            tokens, oldest = conn.execute(
+                "SELECT coalesce(sum(input_tokens + output_tokens), 0), min(created_at) "
+                "FROM usage WHERE account_id = ? AND bucket = ? AND created_at > ?",
+                key,
+            ).fetchone()
+            if tokens >= limit.max_tokens:
+                raise refuse(limit, "tokens", tokens, limit.max_tokens, oldest + duration)
+    conn.execute(
+        "INSERT INTO turns (id, account_id, session_id, bucket, status, created_at, record) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            record.id,
+            record.account_id,
+            record.session_id,
+            record.bucket,
+            record.status,
+            record.created_at,
+            _dump(record),
+        ),
+    )
+
+
+def _finish_turn(conn: sqlite3.Connection, record: TurnRecord) -> None:
+    conn.execute(
+        "UPDATE turns SET status = ?, record = ? WHERE id = ?",
+        (record.status, _dump(record), record.id),
+    )
+    if record.session_id is not None and record.finished_at is not None:
+        conn.execute(
+            "UPDATE sessions SET last_activity = ? WHERE id = ?",
+            (record.finished_at, record.session_id),
+        )
+
+
+def _complete_turn(conn: sqlite3.Connection, usage: UsageRecord, record: TurnRecord) -> bool:
+    inserted = conn.execute(
+        "INSERT OR IGNORE INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            usage.response_id,
+            usage.account_id,
+            usage.session_id,
+            usage.bucket,
+            usage.model,
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.credits,
+            usage.created_at,
+            int(usage.estimated),
+        ),
+    ).rowcount
+    if not inserted:
+        return False
+    debited = conn.execute(
+        "UPDATE accounts SET balance = balance - ? WHERE id = ?",
+        (usage.credits, usage.account_id),
+    ).rowcount
+    if not debited:
+        raise NotFound(f"unknown account {usage.account_id!r}")
+    _finish_turn(conn, record)
+    return True
+
+
+def _recover(conn: sqlite3.Connection) -> Recovered:
+    now = time.time()
+    running = [
+        _load(text)
+        for (text,) in conn.execute("SELECT record FROM turns WHERE status = 'in_progress'")
+    ]
+    for record in running:
+        _finish_turn(conn, interrupted(record, now))
+    conn.execute("DELETE FROM sessions WHERE created_at + ttl <= ?", (now,))
+    _purge(conn, now)
+    sessions = []
+    for row in conn.execute(
+        "SELECT id, account_id, ttl, metadata, model, created_at, last_activity "
+        "FROM sessions ORDER BY created_at"
+    ).fetchall():
+        session = SessionRecord(
+            id=row[0],
+            account_id=row[1],
+            ttl=row[2],
+            metadata=json.loads(row[3]),
+            model=row[4],
+            created_at=row[5],
+            last_activity=row[6],
+        )
+        history = tuple(
+            _load(text)
+            for (text,) in conn.execute(
+                "SELECT record FROM turns WHERE session_id = ? ORDER BY created_at, rowid",
+                (session.id,),
+            )
+        )
+        sessions.append((session, history))
+    return Recovered(tuple(sessions), len(running))
+
+
+def _purge(conn: sqlite3.Connection, now: float) -> None:
+    conn.execute(
+        "DELETE FROM turns WHERE created_at < ? AND status != 'in_progress' AND ("
+        "session_id IS NULL OR session_id NOT IN (SELECT id FROM sessions))",
+        (now - TURN_RETENTION,),
+    )
+    conn.execute("DELETE FROM idempotency_keys WHERE created_at < ?", (now - KEY_RETENTION,))
+
+
+def _windows(conn: sqlite3.Connection, account_id: str) -> dict[str, tuple[UsageWindow, ...]]:
+    account = _account(conn, account_id)
+    now = time.time()
+
+    def use() -> Iterable[tuple[str, str, int, int]]:
+        for bucket in BUCKETS:
+            for name, duration in WINDOWS.items():
+                key = (account_id, bucket, now - duration)
+                (turns,) = conn.execute(
+                    "SELECT count(*) FROM turns "
+                    "WHERE account_id = ? AND bucket = ? AND created_at > ?",
+                    key,
+                ).fetchone()
+                (tokens,) = conn.execute(
+                    "SELECT coalesce(sum(input_tokens + output_tokens), 0) FROM usage "
+                    "WHERE account_id = ? AND bucket = ? AND created_at > ?",
+                    key,
+                ).fetchone()
+                yield bucket, name, turns, tokens
+
+    return window_report(account, use())
+
+
+def _usage_records(conn: sqlite3.Connection, account_id: str, limit: int) -> list[UsageRecord]:
+    return [
+        UsageRecord(
+            response_id=r[0],
+            account_id=r[1],
+            session_id=r[2],
+            model=r[4],
+            input_tokens=r[5],
+            output_tokens=r[6],
+            credits=r[7],
+            created_at=r[8],
+            estimated=bool(r[9]),
+        )
+        for r in conn.execute(
+            "SELECT * FROM usage WHERE account_id = ? ORDER BY created_at DESC, rowid DESC LIMIT ?",
+            (account_id, limit),
+        )
+    ]
+
+
+# -- the store -----------------------------------------------------------------
+
+
+@final
+class SQLiteStore:
+    """A :class:`~runtime.Store` in a SQLite database (WAL, one writer thread).
+
+    Obtain one with :meth:`SQLiteStore.open`; it is usable until that block
+    ends.
+    """
+
+    def __init__(self, path: Path, worker: _Worker) -> None:
+        self.path = path
+        self._worker = worker
+        #: sha256(key) -> account id of keys seen. Keys are never deleted, so
+        #: a hit is always right; a miss asks the database (keys created by
+        #: ``agent-runtime keys create`` while serving are found).
+        self._known_keys: dict[bytes, str] = {}
+        self._purged_at = time.time()
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        default_credits: float = 1000.0,
+        synchronous: str = "NORMAL",
+    ) -> AsyncIterator[SQLiteStore]:
+        """Open (creating and migrating as needed) the database at ``path``.
+
+        Args:
+          default_credits: balance of the :data:`~runtime.DEFAULT_ACCOUNT`
+            when it is created (only the first time).
+          synchronous: SQLite's ``synchronous`` pragma: ``NORMAL`` (default;
+            survives a process crash) or ``FULL`` (also an OS crash).
+
+        Raises:
+          StoreError: the file cannot be opened, is not a database, or has a
+            newer schema.
+        """
+        if synchronous.upper() not in ("NORMAL", "FULL", "EXTRA"):
+            raise ValueError(f"synchronous must be NORMAL, FULL or EXTRA, not {synchronous!r}")
+        path = Path(path)
+
+        def connect() -> sqlite3.Connection:
+            conn = open_database(path, synchronous=synchronous.upper())
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                create_account(conn, DEFAULT_ACCOUNT, credits=default_credits)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+
+        try:
+            conn = await trio.to_thread.run_sync(connect)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the store {path}: {exc}") from exc
+        worker = _Worker(conn)
+        worker.start()
+        try:
+            yield cls(path, worker)
+        finally:
+            with trio.CancelScope(shield=True):
+                await worker.stop()
+
+    def __repr__(self) -> str:
+        return f"<SQLiteStore {str(self.path)!r}>"
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(connection)`` in the store's thread, in a transaction of
+        its own savepoint (for administration; see the module's functions)."""
+        return await self._worker.call(fn)
+
+    # -- the Store interface ----------------------------------------------
+
+    async def authenticate(self, api_key: str) -> str:
+        digest = hash_key(api_key)
+        account_id = self._known_keys.get(digest)
+        if account_id is not None:
+            await trio.lowlevel.checkpoint()
+            return account_id
+
+        def find(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute("SELECT account_id FROM api_keys WHERE hash = ?", (digest,))
+            found = row.fetchone()
+            return None if found is None else str(found[0])
+
+        account_id = await self._worker.call(find)
+        if account_id is None:
+            raise Unauthorized("missing or unknown API key; send 'Authorization: Bearer KEY'")
+        self._known_keys[digest] = account_id
+        return account_id
+
+    async def ensure_account_for_key(self, api_key: str, *, credits: float = 1000.0) -> str:
+        """The account of ``api_key``, created (with ``credits``) if the key is new."""
+        return await self._worker.call(
+            lambda conn: ensure_account_for_key(conn, api_key, credits=credits)
+        )
+
+    async def has_api_keys(self) -> bool:
+        return await self._worker.call(
+            lambda conn: conn.execute("SELECT 1 FROM api_keys LIMIT 1").fetchone() is not None
+        )
+
+    async def get_account(self, account_id: str) -> Account:
+        return await self._worker.call(lambda conn: _account(conn, account_id))
+
+    async def begin_turn(self, record: TurnRecord) -> None:
+        await self._worker.call(lambda conn: _begin_turn(conn, record))
+
+    async def complete_turn(self, usage: UsageRecord, record: TurnRecord) -> bool:
+        return await self._worker.call(lambda conn: _complete_turn(conn, usage, record))
+
+    def end_turn(self, record: TurnRecord) -> None:
+        self._worker.submit(lambda conn: _finish_turn(conn, record))
+
+    async def get_turn(self, response_id: str) -> TurnRecord | None:
+        def get(conn: sqlite3.Connection) -> TurnRecord | None:
+            row = conn.execute("SELECT record FROM turns WHERE id = ?", (response_id,)).fetchone()
+            return None if row is None else _load(row[0])
+
+        return await self._worker.call(get)
+
+    async def usage_records(self, account_id: str, *, limit: int = 100) -> list[UsageRecord]:
+        return await self._worker.call(lambda conn: _usage_records(conn, account_id, limit))
+
+    async def usage_windows(self, account_id: str) -> dict[str, tuple[UsageWindow, ...]]:
+        return await self._worker.call(lambda conn: _windows(conn, account_id))
+
+    async def save_session(self, record: SessionRecord) -> None:
+        metadata = json.dumps(record.metadata, separators=(",", ":"))
+        await self._worker.call(
+            lambda conn: conn.execute(
+                "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.id,
+                    record.account_id,
+                    record.ttl,
+                    metadata,
+                    record.model,
+                    record.created_at,
+                    record.last_activity,
+                ),
+            )
+        )
+
+    async def delete_session(self, session_id: str) -> None:
+        await self._worker.call(
+            lambda conn: conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+        )
+
+    async def recover(self) -> Recovered:
+        return await self._worker.call(_recover)
+
+    async def get_idempotency_key(self, account_id: str, key: str) -> IdempotencyRecord | None:
+        def get(conn: sqlite3.Connection) -> IdempotencyRecord | None:
+            row = conn.execute(
+                "SELECT fingerprint, response_id, created_at FROM idempotency_keys "
+                "WHERE account_id = ? AND key = ?",
+                (account_id, key),
+            ).fetchone()
+            if row is None:
+                return None
+            return IdempotencyRecord(
+                account_id=account_id,
+                key=key,
+                fingerprint=row[0],
+                response_id=row[1],
+                created_at=row[2],
+            )
+
+        return await self._worker.call(get)
+
+    async def put_idempotency_key(self, record: IdempotencyRecord) -> None:
+        now = time.time()
+        purge = now - self._purged_at > PURGE_EVERY
+        if purge:
+            self._purged_at = now
+
+        def put(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR IGNORE INTO idempotency_keys VALUES (?, ?, ?, ?, ?)",
+                (
+                    record.account_id,
+                    record.key,
+                    record.fingerprint,
+                    record.response_id,
+                    record.created_at,
+                ),
+            )
+            if purge:
+                _purge(conn, now)
+
+        await self._worker.call(put)
+
+
+def database_path(data_dir: str | os.PathLike[str]) -> Path:
+    """Where the store of ``data_dir`` lives."""
+    return Path(data_dir) / DB_NAME
