@@ -1,11 +1,10 @@
-"""``agent-runtime``: the command line (serve, demo)."""
+"""``agent-runtime``: the command line (serve, demo, keys, credits, limits)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
-import secrets
 import sys
 import tempfile
 import time
@@ -14,8 +13,10 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from runtime import (
+    AgentRuntimeError,
+    CreditMode,
     DemoModel,
-    MemoryStore,
+    InvalidRequest,
     MessageCancelled,
     MessageCompleted,
     MessageError,
@@ -23,12 +24,31 @@ from runtime import (
     OpenAIModel,
     Pricing,
     Runtime,
+    SQLiteStore,
+    StoreError,
     TextDelta,
+    WindowLimit,
+)
+from runtime._records import BUCKETS, WINDOWS
+from runtime._sqlite import (
+    account_of_key,
+    add_credits,
+    create_key,
+    database_path,
+    list_keys,
+    open_database,
+    set_limit,
+    set_mode,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    import sqlite3
+    from collections.abc import Callable, Sequence
 
+    from runtime import Account
+
+#: Credits of the account a new key gets from ``serve``.
+NEW_KEY_CREDITS: Final = 1000.0
 DESCRIPTION: Final = (
     "agent-runtime: a self-hosted, actor-based agent runtime whose cancel really stops the work."
 )
@@ -48,16 +68,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any)")
-    serve.add_argument(
-        "--data-dir", default="./data", help="session workspaces live here (default ./data)"
-    )
+    _data_dir(serve)
     serve.add_argument(
         "--api-key",
         action="append",
         default=[],
         metavar="KEY",
-        help="accept this API key (repeatable); each gets an account with 1000 credits. With none, "
-        "a key is created and printed once",
+        help="accept this API key (repeatable); a key new to the store gets an account with "
+        "1000 credits. With none given and none stored, a key is created and printed once",
     )
     serve.add_argument(
         "--model",
@@ -112,6 +130,71 @@ def _parser() -> argparse.ArgumentParser:
         help="how long a finished turn stays resumable and cancellable (default 120)",
     )
 
+    keys = sub.add_parser(
+        "keys", help="create and list API keys (on the data dir's store)"
+    ).add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = keys.add_parser(
+        "create",
+        help="create a key and print it once (only its hash is stored)",
+        description="Create an API key and print it once; the store keeps only its hash. "
+        "The key gets a new account unless --account names one.",
+    )
+    _data_dir(create)
+    create.add_argument(
+        "--credits",
+        type=float,
+        default=NEW_KEY_CREDITS,
+        help=f"balance of the new account (default {NEW_KEY_CREDITS:g})",
+    )
+    create.add_argument(
+        "--mode",
+        choices=[m.value for m in CreditMode],
+        default="hard",
+        help="credit mode of the new account: hard refuses turns with 402 at the per-turn "
+        "minimum, soft only records debits (default hard)",
+    )
+    create.add_argument("--account", metavar="ACCOUNT_ID", help="add the key to this account")
+    listing = keys.add_parser(
+        "list", help="list key ids, prefixes, accounts and balances (never the keys)"
+    )
+    _data_dir(listing)
+
+    credits = sub.add_parser(
+        "credits", help="change the credits of the account of a key"
+    ).add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = credits.add_parser("add", help="add N credits (negative to remove) to KEY_ID's account")
+    _data_dir(add)
+    add.add_argument("key_id", metavar="KEY_ID", help="a key id from 'keys list' (key_...)")
+    add.add_argument("amount", type=float, metavar="N")
+    mode = credits.add_parser("mode", help="set the credit mode of KEY_ID's account")
+    _data_dir(mode)
+    mode.add_argument("key_id", metavar="KEY_ID")
+    mode.add_argument("mode", choices=[m.value for m in CreditMode])
+    mode.add_argument(
+        "--min-balance",
+        type=float,
+        metavar="X",
+        help="hard mode refuses a new turn unless the balance is above X (default 0)",
+    )
+
+    limits = sub.add_parser(
+        "limits", help="set the rate limits of the account of a key"
+    ).add_subparsers(dest="action", required=True, metavar="ACTION")
+    limit = limits.add_parser(
+        "set",
+        help="limit turns and/or tokens per hour or day for one bucket",
+        description="Set the most turns (a turn counts when it starts, cancelled or not) and "
+        "tokens (of completed turns) one bucket of KEY_ID's account may use per window. "
+        "Past it, new turns get 429 with Retry-After. Give neither maximum to remove the "
+        "limit.",
+    )
+    _data_dir(limit)
+    limit.add_argument("key_id", metavar="KEY_ID")
+    limit.add_argument("--bucket", choices=BUCKETS, required=True)
+    limit.add_argument("--window", choices=tuple(WINDOWS), required=True)
+    limit.add_argument("--max-turns", type=int, metavar="N")
+    limit.add_argument("--max-tokens", type=int, metavar="N")
+
     demo = sub.add_parser(
         "demo",
         help="run one turn on the embedded runtime (demo model, no HTTP) and print its events",
@@ -140,6 +223,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _data_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir",
+        default="./data",
+        help="holds the store (agent-runtime.db) and session workspaces (default ./data)",
+    )
+
+
 async def _serve(args: argparse.Namespace) -> int:
     from ._serve import serve
 
@@ -159,15 +250,16 @@ async def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    store = MemoryStore(default_credits=0.0)
-    keys = list(args.api_key)
-    created = None
-    if not keys and not store.has_api_keys:
-        created = f"pk_local_{secrets.token_urlsafe(24)}"
-        keys.append(created)
-    for key in keys:
-        store.ensure_account_for_key(key)
     async with contextlib.AsyncExitStack() as stack:
+        os.makedirs(args.data_dir, exist_ok=True)
+        store = await stack.enter_async_context(
+            SQLiteStore.open(database_path(args.data_dir), default_credits=0.0)
+        )
+        created = None
+        for key in args.api_key:
+            await store.ensure_account_for_key(key, credits=NEW_KEY_CREDITS)
+        if not args.api_key and not await store.has_api_keys():
+            created, _ = await store.run(lambda conn: create_key(conn, credits=NEW_KEY_CREDITS))
         if isinstance(model, OpenAIModel):
             await stack.enter_async_context(model)
         rt = await stack.enter_async_context(
@@ -233,11 +325,138 @@ async def _demo(args: argparse.Namespace, data_dir: str) -> int:
     return 0
 
 
+def _admin(args: argparse.Namespace) -> int:
+    """keys / credits / limits: one transaction on the data dir's store.
+
+    Safe while ``serve`` runs on the same data dir (WAL; the server reads
+    balances, limits and unknown keys from the database).
+    """
+    path = database_path(args.data_dir)
+    if args.command != "keys" or args.action != "create":
+        if not path.exists():
+            print(f"agent-runtime: no store at {path} (see --data-dir)", file=sys.stderr)
+            return 1
+    else:
+        os.makedirs(args.data_dir, exist_ok=True)
+    try:
+        conn = open_database(path)
+    except (StoreError, OSError) as exc:
+        print(f"agent-runtime: cannot open the store {path}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            show = _ADMIN[(args.command, args.action)](conn, args)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    except AgentRuntimeError as exc:
+        print(f"agent-runtime: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        conn.close()
+    show()
+    return 0
+
+
+def _keys_create(conn: sqlite3.Connection, args: argparse.Namespace) -> Callable[[], None]:
+    key, info = create_key(
+        conn, credits=args.credits, mode=CreditMode(args.mode), account_id=args.account
+    )
+
+    def show() -> None:
+        print(f"API key (shown once, stored only as a hash): {key}")
+        print(
+            f"key id {info.id}, account {info.account_id}, "
+            f"{info.mode.value} mode, balance {info.balance:g}"
+        )
+
+    return show
+
+
+def _keys_list(conn: sqlite3.Connection, args: argparse.Namespace) -> Callable[[], None]:
+    from rich.console import Console
+    from rich.table import Table
+
+    keys = list_keys(conn)
+    table = Table("key id", "prefix", "account", "mode", "balance", "created")
+    for column in table.columns:
+        column.no_wrap = True  # ids are copied from here: never fold or cut them
+    for info in keys:
+        table.add_row(
+            info.id,
+            info.prefix + "…",
+            info.account_id,
+            info.mode.value,
+            f"{info.balance:g}",
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.created_at)),
+        )
+
+    def show() -> None:
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=240)  # piped: whole rows, for grep and scripts
+        console.print(table if keys else "no keys")
+
+    return show
+
+
+def _show_account(account: Account) -> Callable[[], None]:
+    def show() -> None:
+        print(
+            f"account {account.id}: {account.mode.value} mode, balance {account.balance:g} "
+            f"(hard mode refuses new turns at {account.min_balance:g} or less)"
+        )
+        for lim in account.limits:
+            print(
+                f"  limit {lim.bucket}/{lim.window}: turns {lim.max_turns or 'unlimited'}, "
+                f"tokens {lim.max_tokens or 'unlimited'}"
+            )
+
+    return show
+
+
+def _credits_add(conn: sqlite3.Connection, args: argparse.Namespace) -> Callable[[], None]:
+    return _show_account(add_credits(conn, account_of_key(conn, args.key_id), args.amount))
+
+
+def _credits_mode(conn: sqlite3.Connection, args: argparse.Namespace) -> Callable[[], None]:
+    account_id = account_of_key(conn, args.key_id)
+    return _show_account(set_mode(conn, account_id, CreditMode(args.mode), args.min_balance))
+
+
+def _limits_set(conn: sqlite3.Connection, args: argparse.Namespace) -> Callable[[], None]:
+    try:
+        limit = WindowLimit(
+            bucket=args.bucket,
+            window=args.window,
+            max_turns=args.max_turns,
+            max_tokens=args.max_tokens,
+        )
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    return _show_account(set_limit(conn, account_of_key(conn, args.key_id), limit))
+
+
+_ADMIN: Final[
+    dict[tuple[str, str], Callable[[sqlite3.Connection, argparse.Namespace], Callable[[], None]]]
+] = {
+    ("keys", "create"): _keys_create,
+    ("keys", "list"): _keys_list,
+    ("credits", "add"): _credits_add,
+    ("credits", "mode"): _credits_mode,
+    ("limits", "set"): _limits_set,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``agent-runtime`` console script."""
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return trio.run(_serve, args)
+    if args.command in ("keys", "credits", "limits"):
+        return _admin(args)
     if args.command == "demo":
         if args.data_dir:
             return trio.run(_demo, args, args.data_dir)
