@@ -7,77 +7,18 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import attrs
 import httpx
 import psutil
 import pytest
 import trio
 
 from .conftest import parse_sse
-
-if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+from .served import KEY, run_server
 
 SEED_EXAMPLE = Path(__file__).resolve().parents[3] / "shared" / "seed" / "cancel_example.py"
-KEY = "pk_e2e_carol"
-
-
-@attrs.define
-class Served:
-    process: trio.Process
-    url: str
-    data_dir: Path
-    output: list[str]
-
-
-@asynccontextmanager
-async def run_server(
-    tmp_path: Path, *extra: str, api_key: str | None = KEY
-) -> AsyncIterator[Served]:
-    """Start ``agent-runtime serve`` on a free port; SIGKILL it if still alive at the end.
-
-    With ``api_key=None`` it starts with no key and waits for the one it prints too.
-    """
-    data_dir = tmp_path / "data"
-    command = [
-        sys.executable,
-        "-c",
-        "from server._cli import main; raise SystemExit(main())",
-        "serve",
-        "--port",
-        "0",
-        "--data-dir",
-        str(data_dir),
-        *(["--api-key", api_key] if api_key is not None else []),
-        *extra,
-    ]
-    ready = rb"serving on (http://\S+)" if api_key else rb"serving on (http://\S+)\n.*API key.*\n"
-    process = await trio.lowlevel.open_process(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    assert process.stdout is not None
-    output: list[str] = []
-    buffer = b""
-    try:
-        with trio.fail_after(15):
-            while (match := re.search(ready, buffer)) is None:
-                chunk = await process.stdout.receive_some()
-                assert chunk, f"server exited early: {buffer.decode(errors='replace')}"
-                buffer += chunk
-        output.append(buffer.decode())
-        yield Served(process, match.group(1).decode(), data_dir, output)
-    finally:
-        with trio.CancelScope(shield=True):
-            if process.returncode is None:
-                process.kill()
-            await process.wait()
-            await process.stdout.aclose()
 
 
 async def test_e2e_seed_example_unchanged(tmp_path: Path) -> None:

@@ -1,0 +1,73 @@
+"""``agent-runtime serve`` as a subprocess, for end-to-end and crash tests."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Final
+
+import attrs
+import trio
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
+KEY: Final = "pk_e2e_carol"
+#: Runs the console script's entry point (what ``agent-runtime`` runs).
+MAIN: Final = "from server._cli import main; raise SystemExit(main())"
+
+
+@attrs.define
+class Served:
+    process: trio.Process
+    url: str
+    data_dir: Path
+    output: list[str]
+
+
+@asynccontextmanager
+async def run_server(
+    tmp_path: Path, *extra: str, api_key: str | None = KEY, code: str = MAIN
+) -> AsyncIterator[Served]:
+    """Start ``agent-runtime serve`` on a free port; SIGKILL it if still alive at the end.
+
+    With ``api_key=None`` it starts with no key and waits for the one it prints too.
+    ``code`` is the Python run with ``-c`` (a test may install hooks before ``main``).
+    """
+    data_dir = tmp_path / "data"
+    command = [
+        sys.executable,
+        "-c",
+        code,
+        "serve",
+        "--port",
+        "0",
+        "--data-dir",
+        str(data_dir),
+        *(["--api-key", api_key] if api_key is not None else []),
+        *extra,
+    ]
+    ready = rb"serving on (http://\S+)" if api_key else rb"serving on (http://\S+)\n.*API key.*\n"
+    process = await trio.lowlevel.open_process(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    assert process.stdout is not None
+    output: list[str] = []
+    buffer = b""
+    try:
+        with trio.fail_after(15):
+            while (match := re.search(ready, buffer)) is None:
+                chunk = await process.stdout.receive_some()
+                assert chunk, f"server exited early: {buffer.decode(errors='replace')}"
+                buffer += chunk
+        output.append(buffer.decode())
+        yield Served(process, match.group(1).decode(), data_dir, output)
+    finally:
+        with trio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.kill()
+            await process.wait()
+            await process.stdout.aclose()
