@@ -34,6 +34,7 @@ newer than this code is refused rather than misread.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -78,6 +79,7 @@ from ._store import (
     interrupted,
     refuse,
     window_report,
+    without_output,
 )
 
 if TYPE_CHECKING:
@@ -211,6 +213,16 @@ class _Op:
     #: The task waiting for the result; None for a queued write nobody awaits.
     task: trio.lowlevel.Task | None
     result: outcome.Outcome[Any] | None = None
+    #: Queued instead if this (unawaited) write fails.
+    fallback: Callable[[sqlite3.Connection], Any] | None = None
+    #: _QUEUED -> _RUNNING, or _QUEUED -> _ABANDONED (its waiter was
+    #: cancelled first: it never runs). Changed under the worker's lock.
+    state: int = 0
+
+
+_QUEUED: Final = 0
+_RUNNING: Final = 1
+_ABANDONED: Final = 2
 
 
 _STOP: Final = object()
@@ -218,11 +230,15 @@ _STOP: Final = object()
 
 def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-    if mode != "wal":
-        raise StoreError(f"{path}: cannot use WAL mode (journal_mode is {mode!r})")
-    conn.execute(f"PRAGMA synchronous = {synchronous}")
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode != "wal":
+            raise StoreError(f"{path}: cannot use WAL mode (journal_mode is {mode!r})")
+        conn.execute(f"PRAGMA synchronous = {synchronous}")
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
@@ -274,6 +290,7 @@ class _Worker:
         self._token = trio.lowlevel.current_trio_token()
         self._thread = threading.Thread(target=self._main, name="agent-runtime-sqlite", daemon=True)
         self._stopped = False
+        self._lock = threading.Lock()
 
     def start(self) -> None:
         self._thread.start()
@@ -285,26 +302,42 @@ class _Worker:
             await trio.to_thread.run_sync(self._thread.join)
 
     async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn(conn)`` in the writer thread, inside a transaction."""
+        """Run ``fn(conn)`` in the writer thread, inside a transaction.
+
+        Cancellation: while the op is still queued, cancelling the caller
+        withdraws it (it never runs). Once the thread has taken it up, the
+        caller waits for its outcome (it may already be written).
+        """
         if self._stopped:
             raise StoreError("the store is closed")
-        task = trio.lowlevel.current_task()
-        self._queue.put(_Op(fn, task))
+        op = _Op(fn, trio.lowlevel.current_task())
+        self._queue.put(op)
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            with self._lock:
+                if op.state == _QUEUED:
+                    op.state = _ABANDONED
+                    return trio.lowlevel.Abort.SUCCEEDED
+            return trio.lowlevel.Abort.FAILED
+
         try:
             # Rescheduled with the op's outcome, which this unwraps.
-            result: T = await trio.lowlevel.wait_task_rescheduled(
-                lambda _: trio.lowlevel.Abort.FAILED
-            )
+            result: T = await trio.lowlevel.wait_task_rescheduled(abort)
         except sqlite3.Error as exc:
             raise StoreError(f"the store failed: {type(exc).__name__}: {exc}") from exc
         return result
 
-    def submit(self, fn: Callable[[sqlite3.Connection], object]) -> None:
-        """Queue ``fn(conn)``; nobody waits for it (failures are logged)."""
+    def submit(
+        self,
+        fn: Callable[[sqlite3.Connection], object],
+        fallback: Callable[[sqlite3.Connection], object] | None = None,
+    ) -> None:
+        """Queue ``fn(conn)``; nobody waits for it. If it fails, ``fallback``
+        is queued in its place; failures are logged."""
         if self._stopped:
             logger.error("store closed: a queued write was dropped")
             return
-        self._queue.put(_Op(fn, None))
+        self._queue.put(_Op(fn, None, fallback=fallback))
 
     def _main(self) -> None:
         stop = False
@@ -324,7 +357,21 @@ class _Worker:
                 except queue.Empty:
                     break
             if batch:
-                self._run(batch)
+                try:
+                    self._run(batch)
+                except BaseException as exc:
+                    # Never leave a waiter hanging: whatever went wrong (a
+                    # failing SAVEPOINT, a bug), every op without a result fails.
+                    logger.exception("store: a batch failed")
+                    for op in batch:
+                        if op.result is None and op.state != _ABANDONED:
+                            op.result = outcome.Error(
+                                sqlite3.OperationalError(f"the store failed: {exc!r}")
+                            )
+                    if self._conn.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            self._conn.execute("ROLLBACK")
+                    self._deliver(batch)
         self._conn.close()
 
     def _run(self, batch: list[_Op]) -> None:
@@ -347,6 +394,10 @@ class _Worker:
         self._deliver(batch)
 
     def _one(self, conn: sqlite3.Connection, op: _Op, done: list[_Op]) -> None:
+        with self._lock:
+            if op.state == _ABANDONED:
+                return
+            op.state = _RUNNING
         if not conn.in_transaction:  # an earlier failure rolled the batch back
             conn.execute("BEGIN IMMEDIATE")
         conn.execute("SAVEPOINT op")
@@ -380,11 +431,15 @@ class _Worker:
     def _deliver(self, batch: list[_Op]) -> None:
         def reschedule() -> None:
             for op in batch:
+                if op.state == _ABANDONED:
+                    continue
                 assert op.result is not None
                 if op.task is not None:
                     trio.lowlevel.reschedule(op.task, op.result)
                 elif isinstance(op.result, outcome.Error):
                     logger.error("store: a queued write failed: %r", op.result.error)
+                    if op.fallback is not None:
+                        self.submit(op.fallback)
 
         try:
             self._token.run_sync_soon(reschedule)
@@ -576,24 +631,32 @@ def _begin_turn(conn: sqlite3.Connection, record: TurnRecord) -> None:
     conn.execute(
         "INSERT INTO turns (id, account_id, session_id, bucket, status, created_at, record) "
         "VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (
-            record.id,
-            record.account_id,
-            record.session_id,
-            record.bucket,
-            record.status,
-            record.created_at,
-            _dump(record),
-        ),
+        _turn_row(record),
     )
 
 
-def _finish_turn(conn: sqlite3.Connection, record: TurnRecord) -> None:
+def _turn_row(record: TurnRecord) -> tuple[object, ...]:
+    return (
+        record.id,
+        record.account_id,
+        record.session_id,
+        record.bucket,
+        record.status,
+        record.created_at,
+        _dump(record),
+    )
+
+
+def _finish_turn(conn: sqlite3.Connection, record: TurnRecord, *, touch: bool = True) -> None:
+    """Store the turn's record (inserted if it was never begun); with ``touch``,
+    its end is its session's last activity."""
     conn.execute(
-        "UPDATE turns SET status = ?, record = ? WHERE id = ?",
-        (record.status, _dump(record), record.id),
+        "INSERT INTO turns (id, account_id, session_id, bucket, status, created_at, record) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (id) DO UPDATE SET status = excluded.status, record = excluded.record",
+        _turn_row(record),
     )
-    if record.session_id is not None and record.finished_at is not None:
+    if touch and record.session_id is not None and record.finished_at is not None:
         conn.execute(
             "UPDATE sessions SET last_activity = ? WHERE id = ?",
             (record.finished_at, record.session_id),
@@ -635,7 +698,7 @@ def _recover(conn: sqlite3.Connection) -> Recovered:
         for (text,) in conn.execute("SELECT record FROM turns WHERE status = 'in_progress'")
     ]
     for record in running:
-        _finish_turn(conn, interrupted(record, now))
+        _finish_turn(conn, interrupted(record, now), touch=False)
     conn.execute("DELETE FROM sessions WHERE created_at + ttl <= ?", (now,))
     _purge(conn, now)
     sessions = []
@@ -832,7 +895,13 @@ class SQLiteStore:
         return await self._worker.call(lambda conn: _complete_turn(conn, usage, record))
 
     def end_turn(self, record: TurnRecord) -> None:
-        self._worker.submit(lambda conn: _finish_turn(conn, record))
+        # If the record does not fit (the disk is full: what failed the turn
+        # may fail this too), its status still must: a turn left in_progress
+        # would read as interrupted after the next restart.
+        slim = without_output(record)
+        self._worker.submit(
+            lambda conn: _finish_turn(conn, record), lambda conn: _finish_turn(conn, slim)
+        )
 
     async def get_turn(self, response_id: str) -> TurnRecord | None:
         def get(conn: sqlite3.Connection) -> TurnRecord | None:

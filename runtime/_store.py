@@ -255,6 +255,22 @@ def interrupted(record: TurnRecord, now: float) -> TurnRecord:
     )
 
 
+def without_output(record: TurnRecord) -> TurnRecord:
+    """``record`` with its output (text, tool calls, response items) dropped:
+    the smallest record that still says how the turn ended."""
+    response = record.response
+    if response is not None:
+        response = attrs.evolve(response, output=())
+    note = "its output could not be stored"
+    return attrs.evolve(
+        record,
+        output_text="",
+        tool_calls=(),
+        response=response,
+        error=f"{record.error} ({note})" if record.error else None,
+    )
+
+
 @final
 @attrs.define(eq=False)
 class MemoryStore:
