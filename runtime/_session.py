@@ -209,6 +209,10 @@ class Session:
             self._history[-1] = turn.record()
         if self._active is turn:
             self._active = None
+        if not turn._begun:
+            # Its start was refused (credits, rate limit): no turn ran, so the
+            # session's activity and idle clock stay those of its last turn.
+            return
         self.last_activity = time.time()
         self._idle_since = trio.current_time()
         # Re-arm the idle timer in place rather than waking the session task,

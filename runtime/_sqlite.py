@@ -75,6 +75,7 @@ from ._store import (
     TURN_RETENTION,
     account_id_for,
     check_credits,
+    finite,
     hash_key,
     interrupted,
     refuse,
@@ -481,7 +482,13 @@ def create_account(
     conn.execute(
         "INSERT OR IGNORE INTO accounts (id, balance, mode, min_balance, created_at) "
         "VALUES (?, ?, ?, ?, ?)",
-        (account_id, float(credits), mode.value, float(min_balance), time.time()),
+        (
+            account_id,
+            finite("credits", credits),
+            mode.value,
+            finite("min_balance", min_balance),
+            time.time(),
+        ),
     )
     return _account(conn, account_id)
 
@@ -565,7 +572,10 @@ def account_of_key(conn: sqlite3.Connection, key_id: str) -> str:
 def add_credits(conn: sqlite3.Connection, account_id: str, amount: float) -> Account:
     """Add ``amount`` (may be negative) to the balance; return the account."""
     _account(conn, account_id)
-    conn.execute("UPDATE accounts SET balance = balance + ? WHERE id = ?", (amount, account_id))
+    conn.execute(
+        "UPDATE accounts SET balance = balance + ? WHERE id = ?",
+        (finite("amount", amount), account_id),
+    )
     return _account(conn, account_id)
 
 
@@ -576,7 +586,10 @@ def set_mode(
     _account(conn, account_id)
     conn.execute("UPDATE accounts SET mode = ? WHERE id = ?", (mode.value, account_id))
     if min_balance is not None:
-        conn.execute("UPDATE accounts SET min_balance = ? WHERE id = ?", (min_balance, account_id))
+        conn.execute(
+            "UPDATE accounts SET min_balance = ? WHERE id = ?",
+            (finite("min_balance", min_balance), account_id),
+        )
     return _account(conn, account_id)
 
 

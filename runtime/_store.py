@@ -100,6 +100,13 @@ class Pricing:
 DEFAULT_PRICES: Final = {"demo": Pricing(1.0, 2.0)}
 
 
+def finite(name: str, value: float) -> float:
+    """``value`` as a float if it is a finite number; else :class:`InvalidRequest`."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidRequest(f"{name} must be a finite number, not {value!r}")
+    return float(value)
+
+
 def check_credits(account: Account) -> None:
     """Raise :class:`OutOfCredits` if ``account`` may not start a turn."""
     if account.mode is CreditMode.HARD and account.balance <= account.min_balance:
@@ -312,7 +319,13 @@ class MemoryStore:
         """Create (or replace) an account."""
         if not account_id:
             raise InvalidRequest("account id must not be empty")
-        account = Account(account_id, float(credits), mode, min_balance, tuple(limits))
+        account = Account(
+            account_id,
+            finite("credits", credits),
+            mode,
+            finite("min_balance", min_balance),
+            tuple(limits),
+        )
         self._accounts[account_id] = account
         return account
 
@@ -329,7 +342,9 @@ class MemoryStore:
         account = attrs.evolve(
             account,
             mode=account.mode if mode is None else mode,
-            min_balance=account.min_balance if min_balance is None else min_balance,
+            min_balance=(
+                account.min_balance if min_balance is None else finite("min_balance", min_balance)
+            ),
             limits=account.limits if limits is None else tuple(limits),
         )
         self._accounts[account_id] = account
@@ -338,7 +353,7 @@ class MemoryStore:
     def add_credits(self, account_id: str, amount: float) -> Account:
         """Add ``amount`` (may be negative) to the account's balance."""
         account = self._account(account_id)
-        account = attrs.evolve(account, balance=account.balance + amount)
+        account = attrs.evolve(account, balance=account.balance + finite("amount", amount))
         self._accounts[account_id] = account
         return account
 
