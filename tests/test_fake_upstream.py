@@ -15,7 +15,7 @@ import httpx
 import pytest
 import trio
 
-from .fake_upstream import (
+from bench.fake_upstream import (
     FakeUpstream,
     Hang,
     Response,

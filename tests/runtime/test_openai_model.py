@@ -21,7 +21,7 @@ from runtime import (
     UsageChunk,
 )
 
-from ..fake_upstream import Response, Status, Stream, raw, text, usage
+from bench.fake_upstream import Response, Status, Stream, raw, text, usage
 
 REQUEST = ModelRequest(messages=(ChatMessage(role="user", content="hi"),))
 
@@ -31,7 +31,7 @@ def call(fragment: dict[str, Any]) -> dict[str, Any]:
 
 
 async def collect(script: list[Response], **kwargs: Any) -> list[ModelChunk]:
-    from ..fake_upstream import open_fake_upstream
+    from bench.fake_upstream import open_fake_upstream
 
     with trio.fail_after(10):
         async with (

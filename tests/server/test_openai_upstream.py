@@ -22,7 +22,7 @@ import trio
 from runtime import OpenAIModel
 from runtime._buffer import EventBuffer
 
-from ..fake_upstream import (
+from bench.fake_upstream import (
     Hang,
     Response,
     Status,
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
     from pathlib import Path
 
-    from ..fake_upstream import FakeUpstream
+    from bench.fake_upstream import FakeUpstream
     from ..fakes import FakeModel
 
 TIMEOUT: Final = 10
