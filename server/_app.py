@@ -52,6 +52,8 @@ if TYPE_CHECKING:
 JSON_LIMIT: Final = 1024 * 1024
 FILE_LIMIT: Final = 64 * 1024 * 1024
 PING_INTERVAL: Final = 15.0
+#: Most usage records one ``GET /v1/usage?limit=N`` returns.
+MAX_USAGE_RECORDS: Final = 10_000
 _DURATION_RE: Final = re.compile(r"(\d+(?:\.\d+)?)([smh])")
 REPLAYED_NOTE: Final = (
     "this idempotency key's turn has ended and its events are no longer buffered; "
@@ -276,7 +278,11 @@ def create_app(
 
     @app.get("/v1/usage")
     async def usage() -> Response:
-        return json_response(usage_report_json(await usage_report(rt.store, g.account_id)))
+        raw = request.args.get("limit", "100")
+        if not raw.isdigit() or not 1 <= int(raw) <= MAX_USAGE_RECORDS:
+            raise InvalidRequest(f"limit must be 1-{MAX_USAGE_RECORDS}, not {raw!r}")
+        report = await usage_report(rt.store, g.account_id, limit=int(raw))
+        return json_response(usage_report_json(report))
 
     app.register_blueprint(files_blueprint(rt))
 

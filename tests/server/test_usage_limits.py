@@ -550,3 +550,24 @@ async def test_usage_report_shape_and_numbers(harness: Harness) -> None:
     )
     assert_error(unauthorized, 401, "unauthorized")
     assert KEY not in str(report)
+
+
+async def test_usage_limit_parameter(harness: Harness) -> None:
+    """GET /v1/usage?limit=N returns the N newest records; a bad limit is 400."""
+    with trio.fail_after(TIMEOUT):
+        sid = (await harness.client.post("/v1/sessions", json={})).json()["id"]
+        for _ in range(3):
+            async with harness.client.stream(
+                "POST", f"/v1/sessions/{sid}/messages", json={"message": "hi"}
+            ) as response:
+                await response.aread()
+        everything = (await harness.client.get("/v1/usage", params={"limit": 10})).json()
+        newest = (await harness.client.get("/v1/usage", params={"limit": 2})).json()
+        bad = [
+            await harness.client.get("/v1/usage", params={"limit": limit})
+            for limit in ("0", "-1", "x", "10001")
+        ]
+    assert len(everything["records"]) == 3
+    assert newest["records"] == everything["records"][:2]
+    assert [r.status_code for r in bad] == [400] * 4
+    assert {r.json()["error"] for r in bad} == {"invalid_request"}
