@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import trio
 
+from bench.fake_upstream import Response, Status, Stream, raw, text, usage
 from runtime import (
     ChatMessage,
     ModelChunk,
@@ -20,8 +21,6 @@ from runtime import (
     UpstreamError,
     UsageChunk,
 )
-
-from bench.fake_upstream import Response, Status, Stream, raw, text, usage
 
 REQUEST = ModelRequest(messages=(ChatMessage(role="user", content="hi"),))
 

@@ -19,9 +19,6 @@ from typing import TYPE_CHECKING, Any, Final, cast
 import pytest
 import trio
 
-from runtime import OpenAIModel
-from runtime._buffer import EventBuffer
-
 from bench.fake_upstream import (
     Hang,
     Response,
@@ -36,6 +33,9 @@ from bench.fake_upstream import (
     tool_start,
     usage,
 )
+from runtime import OpenAIModel
+from runtime._buffer import EventBuffer
+
 from .conftest import SSE, Harness, open_harness, parse_sse
 from .test_turns_api import (
     SSEStream,
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from bench.fake_upstream import FakeUpstream
+
     from ..fakes import FakeModel
 
 TIMEOUT: Final = 10
