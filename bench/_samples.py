@@ -142,6 +142,13 @@ class TurnSample:
     workspace_gone: bool | None = None
     #: What went wrong, if anything (the sample then counts as an error).
     error: str | None = None
+    #: The unique tag the client put in the turn's input (``[bench TAG]``), so
+    #: observers elsewhere (the fake upstream) can find the turn.
+    tag: str | None = None
+    #: ``time.perf_counter()`` when the cancel was sent and acknowledged:
+    #: CLOCK_MONOTONIC, comparable across processes of this machine.
+    t_cancel: float | None = None
+    t_ack: float | None = None
 
     @property
     def ok(self) -> bool:

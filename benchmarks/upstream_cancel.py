@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from embedded_cancel import machine, percentile  # noqa: E402
 
-from runtime import OpenAIModel, Pricing, Runtime, TextDelta  # noqa: E402
 from bench.fake_upstream import Stream, open_fake_upstream  # noqa: E402
+from runtime import OpenAIModel, Pricing, Runtime, TextDelta  # noqa: E402
 
 
 async def one_turn(rt: Runtime, up: Any, label: str, cancel_after: int) -> dict[str, Any]:
