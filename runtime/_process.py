@@ -34,7 +34,7 @@ import attrs
 import trio
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
 
 #: How long the shell gets to exit on SIGTERM before the group is SIGKILLed.
 KILL_GRACE: Final = 0.05
@@ -63,9 +63,13 @@ def _killpg(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
-def live_group_members(pgid: int) -> list[int]:
+def live_group_members(pgid: int, among: Iterable[int] | None = None) -> list[int]:
     """Pids of the processes of group ``pgid`` that are not yet dead (zombies
-    count as dead: they run nothing and only wait for their reaper)."""
+    count as dead: they run nothing and only wait for their reaper).
+
+    ``among``: look only at these pids (cheap: a few ``/proc/PID/stat``
+    reads) rather than at every process of the machine.
+    """
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
@@ -73,7 +77,8 @@ def live_group_members(pgid: int) -> list[int]:
     except PermissionError:
         pass
     members = []
-    for name in os.listdir("/proc"):
+    names = os.listdir("/proc") if among is None else [str(pid) for pid in among]
+    for name in names:
         if not name.isdigit():
             continue
         try:
@@ -102,9 +107,17 @@ async def _sweep(proc: trio.Process) -> None:
     # be running for a moment. Wait until the kernel has finished them, so
     # "the turn ended" implies "its processes are gone".
     with trio.move_on_after(SWEEP_TIMEOUT):
-        # Polling is the only way: a non-child's death sends us nothing.
-        while await trio.to_thread.run_sync(live_group_members, proc.pid):  # noqa: ASYNC110
-            await trio.sleep(0.001)
+        # Polling is the only way: a non-child's death sends us nothing. One
+        # scan of /proc finds the members (none can join: the whole group has
+        # SIGKILL pending, forks in flight included); then only they are
+        # watched, at 1 ms doubling to 16 ms, so a hundred sweeps at once do
+        # not rescan the machine a thousand times a second.
+        members = await trio.to_thread.run_sync(live_group_members, proc.pid)
+        delay = 0.001
+        while members:
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.016)
+            members = live_group_members(proc.pid, among=members)
 
 
 async def run_shell(
