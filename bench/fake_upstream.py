@@ -28,8 +28,10 @@ stream notices a client that went away at once rather than at its next write;
 a failing write is the other way. Either records ``up.disconnected_at[i]``
 (``trio.current_time()``) and wakes :meth:`FakeUpstream.wait_disconnected`;
 ``up.chunks_sent[i]`` counts the chunks written before the stream ended,
-however it ended. A stream that the fake itself finished or reset is not a
-disconnect.
+however it ended, and ``up.chunk_times[i]`` holds when each was written
+(``trio.current_time()`` after its ``send_all``, ascending), so a benchmark
+can count the tokens produced after a given moment. A stream that the fake
+itself finished or reset is not a disconnect.
 """
 
 from __future__ import annotations
@@ -218,6 +220,9 @@ class FakeUpstream:
     disconnected_at: dict[int, float] = attrs.field(factory=dict)
     #: Request index -> chunks written (``[DONE]`` not counted).
     chunks_sent: dict[int, int] = attrs.field(factory=dict)
+    #: Request index -> ``trio.current_time()`` when each of those chunks was
+    #: written, ascending (``len(chunk_times[i]) == chunks_sent[i]``).
+    chunk_times: dict[int, list[float]] = attrs.field(factory=dict)
     #: Connections open now, and the most open at once.
     active: int = 0
     max_active: int = 0
@@ -296,6 +301,7 @@ class FakeUpstream:
         self, stream: trio.SocketStream, index: int, response: Stream | Hang, model: str
     ) -> None:
         self.chunks_sent[index] = 0
+        self.chunk_times[index] = []
         async with trio.open_nursery() as nursery:
 
             async def watch() -> None:
@@ -335,6 +341,7 @@ class FakeUpstream:
             b"Connection: close\r\n\r\n"
         )
         sent = 0
+        times = self.chunk_times[index]
         for chunk in response.iter_chunks():
             if await self._interrupt(stream, response, sent, nursery):
                 return
@@ -345,6 +352,7 @@ class FakeUpstream:
                 await stream.send_all(_http_chunk(data))
             sent += 1
             self.chunks_sent[index] = sent
+            times.append(trio.current_time())
         if await self._interrupt(stream, response, sent, nursery):
             return
         if response.done:
