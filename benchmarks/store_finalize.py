@@ -66,8 +66,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from embedded_cancel import machine, percentile  # noqa: E402
-
+from bench._samples import machine_info  # noqa: E402
+from bench._stats import percentile  # noqa: E402
 from runtime import (  # noqa: E402
     DEFAULT_ACCOUNT,
     DemoModel,
@@ -690,7 +690,7 @@ def main() -> None:
     report(results, console, args)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     out = {
-        "machine": machine() | {"sqlite": sqlite3.sqlite_version},
+        "machine": machine_info() | {"sqlite": sqlite3.sqlite_version},
         "args": vars(args) | {"json": display_path(args.json)},
         "results": results,
     }

@@ -1,0 +1,319 @@
+"""Regenerate benchmarks/RESULTS.md: run every benchmark, then write the page.
+
+    python3 benchmarks/make_results.py            # run everything (about 10 minutes)
+    python3 benchmarks/make_results.py --render   # only rewrite RESULTS.md from results/
+
+Every cancel run is ``agent-runtime bench cancel ... --json results/NAME.json
+--plot results/NAME.png``; HTTP runs go against an ``agent-runtime serve``
+this script starts (demo model, 50 words/s, a fresh data dir) and stops. The
+page shows each run's command, its table, its targets and its plot, then the
+hand-written analysis kept in ``benchmarks/ANALYSIS.md``. Nothing else on the
+machine should run meanwhile: it has two cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import secrets
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+HERE: Final = Path(__file__).resolve().parent
+RESULTS: Final = HERE / "results"
+CLI: Final = [sys.executable, "-c", "from server._cli import main; raise SystemExit(main())"]
+#: (name, title, arguments of `agent-runtime`, needs a server)
+CANCEL_RUNS: Final = (
+    (
+        "embedded_stream",
+        "Embedded: cancel mid-stream (no HTTP)",
+        "bench cancel --embedded --scenario stream --concurrency 1,20,100 --turns 300 "
+        "--tokens-per-second 200",
+        False,
+    ),
+    (
+        "http_stream",
+        "HTTP: cancel a session turn mid-stream",
+        "bench cancel --scenario stream --concurrency 1,20,100 --turns 200",
+        True,
+    ),
+    (
+        "http_stateless",
+        "HTTP: cancel a stateless response (POST /v1/responses) mid-stream",
+        "bench cancel --scenario stream --stateless --concurrency 1,20,100 --turns 200",
+        True,
+    ),
+    (
+        "http_tool",
+        "HTTP: cancel during a run_shell call (process group gone)",
+        "bench cancel --scenario tool --concurrency 1,20 --turns 40",
+        True,
+    ),
+    (
+        "http_delete",
+        "HTTP: DELETE the session mid-turn",
+        "bench cancel --scenario delete --concurrency 1,20,100 --turns 200",
+        True,
+    ),
+    (
+        "upstream",
+        "HTTP in front of an OpenAI-compatible upstream: cancel -> upstream closed",
+        "bench cancel --scenario upstream --concurrency 1,20,100 --turns 100 "
+        "--tokens-per-second 50",
+        False,
+    ),
+    (
+        "embedded_tool",
+        "Embedded: cancel during a run_shell call",
+        "bench cancel --embedded --scenario tool --concurrency 1,20 --turns 40",
+        False,
+    ),
+)
+SESSIONS_RUN: Final = "bench sessions --count 10000 --streams 1000"
+STORE_RUNS: Final = (
+    ("store_finalize", "benchmarks/store_finalize.py --configs normal full to_thread"),
+    ("store_finalize_think100", "benchmarks/store_finalize.py --configs normal --think-ms 100"),
+)
+
+
+@contextlib.contextmanager
+def server() -> Iterator[tuple[str, str]]:
+    """``agent-runtime serve`` on a free port with a fresh data dir and key."""
+    key = f"pk_bench_{secrets.token_hex(8)}"
+    with tempfile.TemporaryDirectory(prefix="agent-runtime-results-") as data_dir:
+        process = subprocess.Popen(
+            [*CLI, "serve", "--port", "0", "--data-dir", data_dir, "--api-key", key],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            assert process.stdout is not None
+            deadline = time.monotonic() + 30
+            url = None
+            while url is None and time.monotonic() < deadline:
+                line = process.stdout.readline()
+                if not line:
+                    break
+                match = re.search(r"serving on (http://\S+)", line)
+                url = match.group(1) if match else None
+            if url is None:
+                raise RuntimeError("the server did not start")
+            yield url, key
+        finally:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def run(args: list[str]) -> None:
+    print("+", shlex.join(args), flush=True)
+    subprocess.run(args, check=False, cwd=HERE.parent)
+
+
+def run_all(only: set[str] | None) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    for name, _, command, needs_server in CANCEL_RUNS:
+        if only and name not in only:
+            continue
+        out = ["--json", str(RESULTS / f"{name}.json"), "--plot", str(RESULTS / f"{name}.png")]
+        if needs_server:
+            with server() as (url, key):
+                run([*CLI, *command.split(), "--url", url, "--api-key", key, *out])
+        else:
+            run([*CLI, *command.split(), *out])
+    if not only or "sessions" in only:
+        run([*CLI, *SESSIONS_RUN.split(), "--json", str(RESULTS / "sessions.json")])
+    for name, command in STORE_RUNS:
+        if not only or name in only:
+            script, *rest = command.split()
+            run([sys.executable, script, *rest, "--json", str(RESULTS / f"{name}.json")])
+
+
+# -- rendering -------------------------------------------------------------------
+
+
+def ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value < 1:
+        return f"{value * 1000:.0f} µs"
+    return f"{value:.1f} ms" if value < 100 else f"{value:.0f} ms"
+
+
+def pct(summary: dict[str, Any] | None, key: str) -> float | None:
+    return None if summary is None else summary.get(key)
+
+
+def cancel_section(name: str, title: str, command: str, needs_server: bool) -> list[str]:
+    path = RESULTS / f"{name}.json"
+    shown = f"agent-runtime {command}"
+    if needs_server:
+        shown += " --url URL --api-key KEY"
+    shown += f" --json results/{name}.json --plot results/{name}.png"
+    lines = [f"## {title}", "", "```sh", shown, "```", ""]
+    if not path.exists():
+        return [*lines, "_not run_", ""]
+    doc = json.loads(path.read_text())
+    lines += [
+        "| concurrency | turns ok / all | billed cancelled | first event p50 / p99 "
+        "| ack p99 | stop p50 / p99 / max | group gone p99 | upstream closed p99 "
+        "| deltas after ack p99 | client CPU |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for level in doc["levels"]:
+        s, c = level["summary"], level["counts"]
+        stop = s.get("stop_ms")
+        first = s.get("first_event_ms")
+        deltas = s.get("deltas_after_ack")
+        cpu = max(level["client_cpu_percent"], default=None)
+        deltas_p99 = "-" if deltas is None else f"{deltas['p99']:.0f}"
+        cpu_shown = "-" if cpu is None else f"{cpu:.0f}%"
+        first_shown = f"{ms(pct(first, 'p50'))} / {ms(pct(first, 'p99'))}"
+        stop_shown = f"{ms(pct(stop, 'p50'))} / {ms(pct(stop, 'p99'))} / {ms(pct(stop, 'max'))}"
+        cells = [
+            str(level["concurrency"]),
+            f"{c['ok']} / {c['turns']}",
+            str(c["billed_cancelled"]),
+            first_shown,
+            ms(pct(s.get("ack_ms"), "p99")),
+            stop_shown,
+            ms(pct(s.get("group_gone_ms"), "p99")),
+            ms(pct(s.get("upstream_closed_ms"), "p99")),
+            deltas_p99,
+            cpu_shown,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    warnings = sorted({w for level in doc["levels"] for w in level["warnings"]})
+    lines.append("")
+    for target in doc.get("targets", []):
+        mark = {True: "met", False: "**missed**", None: "no data"}[target["met"]]
+        value = target["value"]
+        shown_value = (
+            "-"
+            if value is None
+            else (f"{value:g}" if target["metric"] == "billed_cancelled" else ms(value))
+        )
+        lines.append(f"- {target['name']}: {shown_value} — {mark}")
+    for warning in warnings:
+        lines.append(f"- warning: {warning}")
+    lines += ["", f"![{title}](results/{name}.png)", ""]
+    return lines
+
+
+def sessions_section() -> list[str]:
+    path = RESULTS / "sessions.json"
+    lines = [
+        "## Sessions and streams held",
+        "",
+        "```sh",
+        f"agent-runtime {SESSIONS_RUN}",
+        "```",
+        "",
+    ]
+    if not path.exists():
+        return [*lines, "_not run_", ""]
+    doc = json.loads(path.read_text())
+    idle, streams = doc.get("idle") or {}, doc.get("streams") or {}
+    lines += [
+        "| what | count | server RSS | fds | notes |",
+        "|---|---:|---:|---:|---|",
+        f"| idle sessions | {idle.get('count')} | {idle.get('rss_after_mb')} MB "
+        f"| {idle.get('fds_after')} | {idle.get('rss_per_session_kb')} KB per session |",
+        f"| streams held | {streams.get('held')} / {streams.get('count')} "
+        f"| {streams.get('rss_mb')} MB | {streams.get('fds')} | {streams.get('errors')} "
+        f"errors, first event p99 {ms(streams.get('first_event_p99_ms'))} |",
+        "",
+    ]
+    for target in doc.get("targets", []):
+        mark = {True: "met", False: "**missed**", None: "no data"}[target.get("met")]
+        lines.append(f"- {target['name']}: {target.get('value')} — {mark}")
+    return [*lines, ""]
+
+
+def store_section() -> list[str]:
+    lines = ["## Durable store: finalize latency and throughput", ""]
+    for name, command in STORE_RUNS:
+        path = RESULTS / f"{name}.json"
+        lines += ["```sh", f"python3 {command} --json results/{name}.json", "```", ""]
+        if not path.exists():
+            lines += ["_not run_", ""]
+            continue
+        doc = json.loads(path.read_text())
+        lines += [
+            "| config | sessions | turns/s | finalize p50 / p99 / max | finalize-only tx/s |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for config, levels in doc["results"].items():
+            for level in levels:
+                fin = level.get("finalize") or {}
+                only = level.get("finalize_only") or {}
+                latency = f"{ms(fin.get('p50_ms'))} / {ms(fin.get('p99_ms'))}"
+                latency += f" / {ms(fin.get('max_ms'))}"
+                lines.append(
+                    f"| {config} | {level.get('sessions')} | {level.get('turns_per_s', 0):.0f} "
+                    f"| {latency} | {only.get('tx_per_s', 0):.0f} |"
+                )
+        lines.append("")
+    return lines
+
+
+def render() -> None:
+    machine: dict[str, Any] = {}
+    for name, *_ in CANCEL_RUNS:
+        path = RESULTS / f"{name}.json"
+        if path.exists():
+            machine = json.loads(path.read_text())["machine"]
+            break
+    versions = ", ".join(f"{k} {v}" for k, v in (machine.get("versions") or {}).items() if v)
+    lines = [
+        "# Benchmark results",
+        "",
+        "Written by `python3 benchmarks/make_results.py` (which runs every command below; "
+        "`--render` only rewrites this page from `results/`). Do not edit by hand: the "
+        "analysis lives in `benchmarks/ANALYSIS.md` and is included at the end.",
+        "",
+        f"Machine: {machine.get('cores')} cores, {machine.get('platform')}, Python "
+        f"{machine.get('python')}; {versions}; commit {machine.get('git_commit')}; "
+        f"{time.strftime('%Y-%m-%d', time.gmtime())}. Shared and noisy: read the p99s "
+        "as upper bounds.",
+        "",
+    ]
+    for run_ in CANCEL_RUNS:
+        lines += cancel_section(*run_)
+    lines += sessions_section()
+    lines += store_section()
+    analysis = HERE / "ANALYSIS.md"
+    if analysis.exists():
+        lines += ["---", "", analysis.read_text().rstrip(), ""]
+    (HERE / "RESULTS.md").write_text("\n".join(lines))
+    print(f"wrote {HERE / 'RESULTS.md'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--render", action="store_true", help="only rewrite RESULTS.md")
+    parser.add_argument("--only", nargs="*", help="run only these (names of results/*.json)")
+    args = parser.parse_args()
+    os.chdir(HERE.parent)
+    if not args.render:
+        run_all(set(args.only) if args.only else None)
+    render()
+
+
+if __name__ == "__main__":
+    main()
