@@ -17,6 +17,7 @@ finished turns cost ten thousand heap entries, not ten thousand tasks.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import heapq
 import logging
 import math
@@ -38,6 +39,7 @@ from ._model import ChatMessage, ToolSpec
 from ._process import DEFAULT_TIMEOUT
 from ._respond import ResponseRound
 from ._session import DEFAULT_IDLE_TIMEOUT, DEFAULT_TTL, Session
+from ._spawn import start_in
 from ._sqlite import SQLiteStore, database_path
 from ._store import DEFAULT_ACCOUNT, DEFAULT_PRICES, Pricing
 from ._turn import SESSION_DELETED, SHUTDOWN, Turn, lookup
@@ -89,6 +91,9 @@ class Runtime:
     prices: Mapping[str, Pricing]
     _token: object = attrs.field(alias="_token", repr=False)
     _nursery: trio.Nursery = attrs.field(alias="_nursery", repr=False)
+    #: What sessions and turns start in (see :mod:`runtime._spawn`): the
+    #: context of ``Runtime.open``'s caller, never a request's.
+    _context: contextvars.Context = attrs.field(factory=contextvars.copy_context, init=False)
     _closing: bool = attrs.field(default=False, init=False)
     _sessions: dict[str, Session] = attrs.field(factory=dict, init=False)
     _turns: dict[str, Turn] = attrs.field(factory=dict, init=False)
@@ -270,7 +275,7 @@ class Runtime:
     async def _start_session(self, session: Session) -> None:
         self._sessions[session.id] = session
         try:
-            await self._nursery.start(session._run)
+            await start_in(self._context, self._nursery, session._run)
         except BaseException:
             self._forget_session(session)
             raise
@@ -473,7 +478,7 @@ class Runtime:
             raise ShuttingDown("the runtime is shutting down; no new turns are accepted")
         self._running_stateless.add(turn)
         self._register(turn)
-        await self._nursery.start(turn._run)
+        await start_in(self._context, self._nursery, turn._run)
         return turn
 
     def _new_turn(

@@ -31,6 +31,7 @@ from ._agent import AgentLoop
 from ._errors import InvalidRequest, SessionBusy, SessionClosed, ShuttingDown
 from ._model import ChatMessage
 from ._records import SessionRecord, TurnRecord
+from ._spawn import start_in
 from ._state import TurnState
 from ._tools import ToolBox
 from ._turn import SESSION_EXPIRED, SHUTDOWN, Turn
@@ -158,7 +159,7 @@ class Session:
             self._check_open()
             assert self._nursery is not None
             self.last_activity = time.time()
-            await self._nursery.start(turn._run)
+            await start_in(rt._context, self._nursery, turn._run)
         except BaseException as exc:
             if turn.state.is_running:
                 turn._abort_start(exc)

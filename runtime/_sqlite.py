@@ -981,9 +981,7 @@ class SQLiteStore:
 
     async def ensure_account_for_key(self, api_key: str, *, credits: float = 1000.0) -> str:
         """The account of ``api_key``, created (with ``credits``) if the key is new."""
-        return await self._call(
-            lambda conn: ensure_account_for_key(conn, api_key, credits=credits)
-        )
+        return await self._call(lambda conn: ensure_account_for_key(conn, api_key, credits=credits))
 
     async def has_api_keys(self) -> bool:
         return await self._call(
