@@ -153,6 +153,9 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         console.print(f"[red]agent-runtime bench: {exc}[/red]")
         return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]agent-runtime bench: interrupted[/yellow]")
+        return 130
     raise AssertionError(args.action)
 
 
