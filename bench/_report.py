@@ -39,7 +39,6 @@ import collections
 import json
 import math
 import time
-import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -47,7 +46,7 @@ import attrs
 from rich.table import Table
 from rich.text import Text
 
-from bench._samples import METRICS, SCHEMA, converter
+from bench._samples import METRICS, SCHEMA, converter, redact_url
 from bench._stats import summarize
 
 if TYPE_CHECKING:
@@ -177,23 +176,11 @@ def _target_json(
     }
 
 
-def _redact_url(url: str | None) -> str | None:
-    """``url`` without a password (``https://user:***@host``)."""
-    if url is None:
-        return None
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    user = userinfo.partition(":")[0]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
-
-
 def to_json(result: CancelResult) -> dict[str, Any]:
     """The JSON document of a run (see the module docstring); no API key in it."""
     options: dict[str, Any] = converter.unstructure(result.options)
     options.pop("api_key", None)
-    options["url"] = _redact_url(options.get("url"))
+    options["url"] = redact_url(options.get("url"))
     levels = [_level_json(level) for level in result.levels]
     measured = {level.concurrency for level in result.levels}
     targets = [

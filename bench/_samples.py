@@ -15,6 +15,7 @@ import platform
 import re
 import subprocess
 import sys
+import urllib.parse
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Final
@@ -216,3 +217,15 @@ def machine_info() -> dict[str, Any]:
         "versions": versions,
         "git_commit": commit,
     }
+
+
+def redact_url(url: str | None) -> str | None:
+    """``url`` without a password (``http://user:***@host``)."""
+    if url is None:
+        return None
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))

@@ -68,7 +68,7 @@ import trio
 from rich.markup import escape
 from rich.table import Table
 
-from ._samples import machine_info
+from ._samples import machine_info, redact_url
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Sequence
@@ -381,18 +381,6 @@ def _load_average() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
-
-
-def redact_url(url: str | None) -> str | None:
-    """``url`` without a password (``http://user:***@host``)."""
-    if url is None:
-        return None
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    user = userinfo.partition(":")[0]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:

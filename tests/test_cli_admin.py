@@ -284,38 +284,14 @@ async def acli(*args: str) -> str:
 
 @asynccontextmanager
 async def serve_without_key(data_dir: Path) -> AsyncIterator[tuple[str, list[str]]]:
-    """``agent-runtime serve`` on ``data_dir`` with no ``--api-key``; yields its URL
-    and a list that holds everything it printed once the block has ended.
-
-    (``run_server(api_key=None)`` waits for a printed key, which a data dir with
-    stored keys must not produce.)
-    """
-    command = argv(
-        "serve", "--port", "0", "--data-dir", str(data_dir), "--demo-tokens-per-second", "0"
-    )
-    process = await trio.lowlevel.open_process(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    assert process.stdout is not None
-    output: list[str] = []
-    buffer = b""
-    try:
-        with trio.fail_after(15):
-            while (match := re.search(rb"serving on (http://\S+)", buffer)) is None:
-                chunk = await process.stdout.receive_some()
-                assert chunk, f"server exited early: {buffer.decode(errors='replace')}"
-                buffer += chunk
-        yield match.group(1).decode(), output
-    finally:
-        with trio.CancelScope(shield=True):
-            if process.returncode is None:
-                process.kill()
-            await process.wait()
-            with trio.move_on_after(5):
-                while chunk := await process.stdout.receive_some():
-                    buffer += chunk
-            await process.stdout.aclose()
-            output.append(buffer.decode(errors="replace"))
+    """``agent-runtime serve`` on ``data_dir`` (``TMP/data``) with no ``--api-key``
+    and no key printed; yields its URL and a list that holds everything it
+    printed once the block has ended."""
+    assert data_dir.name == "data"
+    async with run_server(
+        data_dir.parent, "--demo-tokens-per-second", "0", api_key=None, expect_key=False
+    ) as served:
+        yield served.url, served.output
 
 
 def client(url: str, key: str) -> httpx.AsyncClient:
@@ -378,9 +354,9 @@ async def test_stored_key_authenticates_and_admin_changes_apply_while_serving(
             assert late_report["credits"]["balance"] == 5.0
             async with client(url, "pk_local_not_a_key") as stranger:
                 assert (await stranger.get("/v1/usage")).status_code == 401
-    assert "serving on" in output[0]
-    assert "API key" not in output[0]
-    assert created.key not in output[0]
+    assert "serving on" in output[-1]
+    assert "API key" not in output[-1]
+    assert created.key not in output[-1]
 
 
 async def test_serve_prints_a_key_once_and_a_restart_keeps_it(tmp_path: Path) -> None:
@@ -400,9 +376,9 @@ async def test_serve_prints_a_key_once_and_a_restart_keeps_it(tmp_path: Path) ->
         async with serve_without_key(data_dir) as (url, output), client(url, key) as http:
             again = await usage(http)
             history = (await http.get(f"/v1/sessions/{sid}/messages")).json()
-    assert "serving on" in output[0]
-    assert "API key" not in output[0]
-    assert key not in output[0]
+    assert "serving on" in output[-1]
+    assert "API key" not in output[-1]
+    assert key not in output[-1]
     assert again["rate_limit"]["caller_id"] == report["rate_limit"]["caller_id"]
     [record] = again["records"]
     assert again["credits"]["balance"] == SERVE_KEY_CREDITS - record["credits"]

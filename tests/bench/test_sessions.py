@@ -18,6 +18,7 @@ import trio
 import trio.testing
 from rich.console import Console
 
+from bench._samples import redact_url
 from bench._sessions import (
     IDLE_TARGET_NAME,
     STREAMS_TARGET_NAME,
@@ -27,7 +28,6 @@ from bench._sessions import (
     print_sessions_report,
     read_body,
     read_head,
-    redact_url,
     run_sessions_bench,
     targets,
 )

@@ -30,13 +30,21 @@ class Served:
 
 @asynccontextmanager
 async def run_server(
-    tmp_path: Path, *extra: str, api_key: str | None = KEY, code: str = MAIN
+    tmp_path: Path,
+    *extra: str,
+    api_key: str | None = KEY,
+    code: str = MAIN,
+    expect_key: bool | None = None,
 ) -> AsyncIterator[Served]:
     """Start ``agent-runtime serve`` on a free port; SIGKILL it if still alive at the end.
 
     With ``api_key=None`` it starts with no key and waits for the one it prints too.
     ``code`` is the Python run with ``-c`` (a test may install hooks before ``main``).
+    ``expect_key=False``: no key given, none expected (the data dir has keys).
+    Once the block has ended, ``output[-1]`` holds everything the server printed.
     """
+    if expect_key is None:
+        expect_key = api_key is None
     data_dir = tmp_path / "data"
     command = [
         sys.executable,
@@ -50,7 +58,9 @@ async def run_server(
         *(["--api-key", api_key] if api_key is not None else []),
         *extra,
     ]
-    ready = rb"serving on (http://\S+)" if api_key else rb"serving on (http://\S+)\n.*API key.*\n"
+    ready = (
+        rb"serving on (http://\S+)\n.*API key.*\n" if expect_key else rb"serving on (http://\S+)"
+    )
     process = await trio.lowlevel.open_process(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
@@ -70,4 +80,8 @@ async def run_server(
             if process.returncode is None:
                 process.kill()
             await process.wait()
+            with trio.move_on_after(5):
+                while chunk := await process.stdout.receive_some():
+                    buffer += chunk
             await process.stdout.aclose()
+            output.append(buffer.decode(errors="replace"))
