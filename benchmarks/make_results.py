@@ -183,6 +183,10 @@ def cancel_section(name: str, title: str, command: str, needs_server: bool) -> l
         cpu = max(level["client_cpu_percent"], default=None)
         deltas_p99 = "-" if deltas is None else f"{deltas['p99']:.0f}"
         cpu_shown = "-" if cpu is None else f"{cpu:.0f}%"
+        upstream_shown = ms(pct(s.get("upstream_closed_ms"), "p99"))
+        tokens = s.get("upstream_tokens_after_ack")
+        if tokens is not None:
+            upstream_shown += f" ({tokens['max']:.0f} tokens after ack, max)"
         first_shown = f"{ms(pct(first, 'p50'))} / {ms(pct(first, 'p99'))}"
         stop_shown = f"{ms(pct(stop, 'p50'))} / {ms(pct(stop, 'p99'))} / {ms(pct(stop, 'max'))}"
         cells = [
@@ -193,7 +197,7 @@ def cancel_section(name: str, title: str, command: str, needs_server: bool) -> l
             ms(pct(s.get("ack_ms"), "p99")),
             stop_shown,
             ms(pct(s.get("group_gone_ms"), "p99")),
-            ms(pct(s.get("upstream_closed_ms"), "p99")),
+            upstream_shown,
             deltas_p99,
             cpu_shown,
         ]
