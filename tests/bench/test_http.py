@@ -15,7 +15,8 @@ import pytest
 import trio
 
 from bench._http import plan_workers, run_http_level
-from bench._http_worker import ChunkedDecoder, FrameSplitter, WorkerConfig, event_type
+from bench._http_worker import WorkerConfig
+from bench._rawhttp import ChunkedDecoder, FrameSplitter, event_type
 from bench._samples import CancelOptions, LevelResult, TurnSample, converter, parse_cancel_at
 
 from ..server.served import KEY, Served, run_server
