@@ -84,6 +84,10 @@ SESSIONS_RUN: Final = "bench sessions --count 10000 --streams 1000"
 STORE_RUNS: Final = (
     ("store_finalize", "benchmarks/store_finalize.py --configs normal full to_thread"),
     ("store_finalize_think100", "benchmarks/store_finalize.py --configs normal --think-ms 100"),
+    (
+        "store_finalize_runtime",
+        "benchmarks/store_finalize.py --configs runtime runtime_memory --levels 1 20",
+    ),
 )
 
 
@@ -258,6 +262,9 @@ def store_section() -> list[str]:
             lines += ["_not run_", ""]
             continue
         doc = json.loads(path.read_text())
+        if any(config.startswith("runtime") for config in doc["results"]):
+            lines += runtime_rows(doc)
+            continue
         lines += [
             "| config | sessions | turns/s | finalize p50 / p99 / max | finalize-only tx/s |",
             "|---|---:|---:|---:|---:|",
@@ -274,6 +281,27 @@ def store_section() -> list[str]:
                 )
         lines.append("")
     return lines
+
+
+def runtime_rows(doc: dict[str, Any]) -> list[str]:
+    """What a durable finalize adds to a whole turn: the SQLite store against
+    the memory store, through ``Runtime`` (FINALIZING -> terminal event)."""
+    lines = [
+        "| store | sessions | turns/s | FINALIZING -> terminal p50 / p99 "
+        "| send -> terminal p50 / p99 |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for config, levels in doc["results"].items():
+        store = "sqlite" if config == "runtime" else "memory"
+        for level in levels:
+            fin = level.get("finalize_to_terminal") or {}
+            turn = level.get("send_to_terminal") or {}
+            lines.append(
+                f"| {store} | {level.get('sessions')} | {level.get('turns_per_s', 0):.0f} "
+                f"| {ms(fin.get('p50_ms'))} / {ms(fin.get('p99_ms'))} "
+                f"| {ms(turn.get('p50_ms'))} / {ms(turn.get('p99_ms'))} |"
+            )
+    return [*lines, ""]
 
 
 def render() -> None:
