@@ -140,7 +140,11 @@ class IdempotencyKeys:
                 created_at=now,
             )
             try:
-                await self.store.put_idempotency_key(record)
+                # Shielded: the turn runs (and will be billed) whether or not
+                # this request's client is still there, so its key must be
+                # stored even if the request is cancelled now; the write is short.
+                with trio.CancelScope(shield=True):
+                    await self.store.put_idempotency_key(record)
             except Exception:
                 # The turn runs and this process remembers the key; only a
                 # retry after a restart would miss it. Failing the request

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import fcntl
 import heapq
 import logging
 import math
@@ -31,7 +32,7 @@ import attrs
 import trio
 
 from ._demo import DemoModel
-from ._errors import InvalidRequest, NotFound, ShuttingDown
+from ._errors import InvalidRequest, NotFound, ShuttingDown, StoreError
 from ._events import ResponseOptions
 from ._idempotency import IdempotencyKeys
 from ._ids import new_id
@@ -47,7 +48,7 @@ from ._workspace import Workspace
 
 if TYPE_CHECKING:
     import os
-    from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 
     from ._model import Model
     from ._records import Recovered, TurnRecord
@@ -63,6 +64,24 @@ MAX_TTL: Final = 1e9
 SHUTDOWN_TIMEOUT: Final = 10.0
 _FREE: Final = Pricing(0.0, 0.0)
 _TOKEN: Final = object()
+
+
+@contextlib.contextmanager
+def _exclusive(root: Path) -> Iterator[None]:
+    """Hold ``root/agent-runtime.lock`` (flock) while a runtime uses ``root``.
+
+    Two runtimes on one data dir would each take the other's running turns for
+    interrupted ones and sweep the other's workspaces at start-up. The lock
+    goes with the process, however it ends.
+    """
+    with open(root / "agent-runtime.lock", "a+b") as lock:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError(
+                f"the data dir {str(root)!r} is in use by another agent-runtime process"
+            ) from None
+        yield
 
 
 @attrs.frozen
@@ -164,6 +183,7 @@ class Runtime:
         root = Path(data_dir)
         (root / "workspaces").mkdir(parents=True, exist_ok=True)
         async with contextlib.AsyncExitStack() as stack:
+            stack.enter_context(_exclusive(root))
             if store is None:
                 store = await stack.enter_async_context(SQLiteStore.open(database_path(root)))
             async with cls._open(root, model, store, grace_seconds, idle_timeout, shell_timeout,
@@ -255,6 +275,12 @@ class Runtime:
                 with trio.CancelScope(shield=True):
                     await session.wait_closed()
                 raise
+            if session._closing is not None:
+                # Deleted (a bulk DELETE) while it was being stored: its
+                # teardown may have forgotten it before the row existed.
+                with trio.CancelScope(shield=True):
+                    await session.wait_closed()
+                    await session._forget_record()
         return session
 
     def _make_session(

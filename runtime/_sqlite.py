@@ -17,10 +17,11 @@ one writer at a time anyway, so a pool would queue on the database lock
 instead of in our queue, and every call would pay for a commit of its own
 (measured in ``benchmarks/store_finalize.py``: see RESULTS.md).
 
-Waiting for an operation is not cancellable: once queued it runs, and its
-caller learns how it ended (as with ``trio.to_thread.run_sync`` without
-``abandon_on_cancel``). Operations are short; the runtime bounds the one that
-matters (a turn's finalize) with its own timeout.
+Waiting for an operation is cancellable while it is still queued (it is then
+withdrawn and never runs); once the thread has taken it up, its caller waits
+for how it ended, as with ``trio.to_thread.run_sync`` without
+``abandon_on_cancel``. So the runtime's timeout on a turn's finalize bounds a
+busy writer, and a write the caller gave up on is never half-done.
 
 Durability: ``synchronous=NORMAL`` (the SQLite default for WAL). A committed
 transaction survives the process being killed (``SIGKILL``, a crash); an OS
@@ -80,6 +81,7 @@ from ._store import (
     hash_key,
     interrupted,
     refuse,
+    tokens_free_at,
     window_report,
     without_output,
 )
@@ -165,6 +167,7 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     CREATE INDEX turns_by_account ON turns (account_id, bucket, created_at);
     CREATE INDEX turns_by_session ON turns (session_id, created_at);
     CREATE INDEX turns_running ON turns (status) WHERE status = 'in_progress';
+    CREATE INDEX turns_by_age ON turns (created_at);
     CREATE TABLE idempotency_keys (
         account_id  TEXT NOT NULL,
         key         TEXT NOT NULL,
@@ -423,21 +426,7 @@ class _Worker:
                 except queue.Empty:
                     break
             if batch:
-                try:
-                    self._run(batch)
-                except BaseException as exc:
-                    # Never leave a waiter hanging: whatever went wrong (a
-                    # failing SAVEPOINT, a bug), every op without a result fails.
-                    logger.exception("store: a batch failed")
-                    for op in batch:
-                        if op.result is None and op.state != _ABANDONED:
-                            op.result = outcome.Error(
-                                sqlite3.OperationalError(f"the store failed: {exc!r}")
-                            )
-                    if self._conn.in_transaction:
-                        with contextlib.suppress(sqlite3.Error):
-                            self._conn.execute("ROLLBACK")
-                    self._deliver(batch)
+                self._run(batch)
         self._checkpointer.stop()
         try:
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -449,19 +438,24 @@ class _Worker:
         conn = self._conn
         try:
             conn.execute("BEGIN IMMEDIATE")
-            begun = True
-        except sqlite3.Error as exc:
-            begun = False
-            for op in batch:
-                op.result = outcome.Error(exc)
-        if begun:
             done: list[_Op] = []
             for op in batch:
                 self._one(conn, op, done)
             try:
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
-                self._lost(conn, done, exc)
+                self._lost(conn, done, exc)  # every op gets its failure
+        except BaseException as exc:
+            # BEGIN failed, or a SAVEPOINT/RELEASE did, or a bug: nothing of
+            # this batch was committed, whatever an op's own result said.
+            logger.exception("store: a batch failed")
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            error = sqlite3.OperationalError(f"the store failed: {exc!r}")
+            for op in batch:
+                if op.state != _ABANDONED:
+                    op.result = outcome.Error(error)
         self._deliver(batch)
         self._commits += 1
         if self._commits % CHECKPOINT_EVERY == 0:
@@ -470,11 +464,22 @@ class _Worker:
                 oversized = self._wal.stat().st_size > WAL_CAP
             except OSError:
                 oversized = False
-            if oversized:  # the checkpointer cannot keep up: catch up here, rarely
-                try:
-                    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                except sqlite3.Error:
-                    logger.exception("store: checkpoint failed")
+            if oversized:
+                self._truncate_wal()
+
+    def _truncate_wal(self) -> None:
+        """The checkpointer cannot keep up: catch up here, rarely. Never wait for
+        readers (another process holding a snapshot would stall every queued
+        operation for the busy timeout, every CHECKPOINT_EVERY commits)."""
+        conn = self._conn
+        try:
+            conn.execute("PRAGMA busy_timeout = 0")
+            try:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        except sqlite3.Error:
+            logger.exception("store: checkpoint failed")
 
     def _one(self, conn: sqlite3.Connection, op: _Op, done: list[_Op]) -> None:
         with self._lock:
@@ -593,9 +598,15 @@ def _insert_key(conn: sqlite3.Connection, api_key: str, account_id: str) -> str:
     key_id = "key_" + secrets.token_hex(8)
     conn.execute(
         "INSERT INTO api_keys (id, hash, prefix, account_id, created_at) VALUES (?, ?, ?, ?, ?)",
-        (key_id, hash_key(api_key), api_key[:12], account_id, time.time()),
+        (key_id, hash_key(api_key), key_prefix(api_key), account_id, time.time()),
     )
     return key_id
+
+
+def key_prefix(api_key: str) -> str:
+    """What ``keys list`` shows of a key: at most 12 characters, and never more
+    than a third of it (a short key given to ``serve --api-key`` stays secret)."""
+    return api_key[: min(12, len(api_key) // 3)]
 
 
 def ensure_account_for_key(conn: sqlite3.Connection, api_key: str, *, credits: float) -> str:
@@ -716,13 +727,19 @@ def _begin_turn(conn: sqlite3.Connection, record: TurnRecord) -> None:
                 ).fetchone()
                 raise refuse(limit, "turns", turns, limit.max_turns, oldest + duration)
         if limit.max_tokens is not None:
-            tokens, oldest = conn.execute(
-                "SELECT coalesce(sum(input_tokens + output_tokens), 0), min(created_at) "
+            (tokens,) = conn.execute(
+                "SELECT coalesce(sum(input_tokens + output_tokens), 0) "
                 "FROM usage WHERE account_id = ? AND bucket = ? AND created_at > ?",
                 key,
             ).fetchone()
             if tokens >= limit.max_tokens:
-                raise refuse(limit, "tokens", tokens, limit.max_tokens, oldest + duration)
+                used = conn.execute(
+                    "SELECT created_at, input_tokens + output_tokens FROM usage "
+                    "WHERE account_id = ? AND bucket = ? AND created_at > ? ORDER BY created_at",
+                    key,
+                ).fetchall()
+                retry_at = tokens_free_at(used, limit.max_tokens) + duration
+                raise refuse(limit, "tokens", tokens, limit.max_tokens, retry_at)
     conn.execute(
         "INSERT INTO turns (id, account_id, session_id, bucket, status, created_at, record) "
         "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -992,7 +1009,17 @@ class SQLiteStore:
         return await self._call(lambda conn: _account(conn, account_id))
 
     async def begin_turn(self, record: TurnRecord) -> None:
-        await self._call(lambda conn: _begin_turn(conn, record))
+        now = time.time()
+        purge = now - self._purged_at > PURGE_EVERY
+        if purge:
+            self._purged_at = now
+
+        def begin(conn: sqlite3.Connection) -> None:
+            _begin_turn(conn, record)
+            if purge:  # old turn records and keys go while serving, not only at start-up
+                _purge(conn, now)
+
+        await self._call(begin)
 
     async def complete_turn(self, usage: UsageRecord, record: TurnRecord) -> bool:
         return await self._call(lambda conn: _complete_turn(conn, usage, record))
@@ -1094,18 +1121,24 @@ class SQLiteStore:
             self._purged_at = now
 
         def put(conn: sqlite3.Connection) -> None:
+            if purge:
+                _purge(conn, now)
+            # The first binding of a live key wins; an expired one is replaced.
             conn.execute(
-                "INSERT OR IGNORE INTO idempotency_keys VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO idempotency_keys VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (account_id, key) DO UPDATE SET "
+                "fingerprint = excluded.fingerprint, response_id = excluded.response_id, "
+                "created_at = excluded.created_at "
+                "WHERE idempotency_keys.created_at < ?",
                 (
                     record.account_id,
                     record.key,
                     record.fingerprint,
                     record.response_id,
                     record.created_at,
+                    now - KEY_RETENTION,
                 ),
             )
-            if purge:
-                _purge(conn, now)
 
         await self._call(put)
 

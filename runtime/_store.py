@@ -42,7 +42,7 @@ from ._records import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Sequence
 
     from ._events import Usage
 
@@ -124,6 +124,18 @@ def refuse(limit: WindowLimit, what: str, used: int, maximum: int, retry_at: flo
         f"for {limit.bucket}; retry in {retry_after:g} s",
         retry_after=retry_after,
     )
+
+
+def tokens_free_at(used: Sequence[tuple[float, int]], maximum: int) -> float:
+    """When (the creation time of the record whose leaving makes room) enough
+    of ``used`` — (created_at, tokens), oldest first — has left the window for
+    the total to drop below ``maximum``."""
+    total = sum(tokens for _, tokens in used)
+    for created_at, tokens in used:
+        total -= tokens
+        if total < maximum:
+            return created_at
+    return used[-1][0] if used else time.time()
 
 
 def window_report(
@@ -301,6 +313,7 @@ class MemoryStore:
     #: sha256(key) -> account id. The keys themselves are never stored.
     _key_hashes: dict[bytes, str] = attrs.field(factory=dict, init=False)
     _purged_at: float = attrs.field(factory=time.time, init=False)
+    _turns_purged_at: float = attrs.field(factory=time.time, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.create_account(DEFAULT_ACCOUNT, credits=self.default_credits, mode=self.default_mode)
@@ -421,8 +434,19 @@ class MemoryStore:
             )
             tokens = sum(n for _, n in used)
             if limit.max_tokens is not None and used and tokens >= limit.max_tokens:
-                raise refuse(limit, "tokens", tokens, limit.max_tokens, used[0][0] + duration)
+                raise refuse(
+                    limit,
+                    "tokens",
+                    tokens,
+                    limit.max_tokens,
+                    tokens_free_at(used, limit.max_tokens) + duration,
+                )
         self._turns[record.id] = record
+        if now - self._turns_purged_at > PURGE_EVERY:
+            self._turns_purged_at = now
+            for rid, turn in list(self._turns.items()):
+                if turn.created_at < now - TURN_RETENTION and turn.session_id not in self._sessions:
+                    del self._turns[rid]
 
     async def complete_turn(self, usage: UsageRecord, record: TurnRecord) -> bool:
         await trio.lowlevel.checkpoint()
@@ -512,8 +536,11 @@ class MemoryStore:
 
     async def put_idempotency_key(self, record: IdempotencyRecord) -> None:
         await trio.lowlevel.checkpoint()
-        self._keys.setdefault((record.account_id, record.key), record)
         now = time.time()
+        slot = (record.account_id, record.key)
+        existing = self._keys.get(slot)
+        if existing is None or existing.created_at < now - KEY_RETENTION:
+            self._keys[slot] = record
         if now - self._purged_at > PURGE_EVERY:
             self._purged_at = now
             for slot in [s for s, r in self._keys.items() if r.created_at < now - KEY_RETENTION]:

@@ -23,6 +23,7 @@ from runtime import (
     NotFound,
     RateLimited,
     Replayed,
+    ResponseSnapshot,
     Runtime,
     ShuttingDown,
     Turn,
@@ -316,7 +317,19 @@ def create_app(
         turn = rt.find_turn(record.id)
         if turn is not None:
             return response_object(turn.response_snapshot())
-        assert record.response is not None, "a finished stateless turn keeps its response"
+        if record.response is None:
+            # Only its start was stored (its end write failed, or it ran when
+            # the process died and no start-up has recovered it yet).
+            return response_object(
+                ResponseSnapshot(
+                    id=record.id,
+                    status=record.status,
+                    model=record.model,
+                    created_at=record.created_at,
+                    error=record.error,
+                    cancel_reason=record.cancel_reason,
+                )
+            )
         return response_object(record.response)
 
     async def replayed(result: Replayed) -> Response:

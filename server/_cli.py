@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import gc
 import os
+import sqlite3
 import sys
 import tempfile
 import time
@@ -43,7 +44,6 @@ from runtime._sqlite import (
 )
 
 if TYPE_CHECKING:
-    import sqlite3
     from collections.abc import Callable, Sequence
 
     from runtime import Account
@@ -361,7 +361,7 @@ def _admin(args: argparse.Namespace) -> int:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-    except AgentRuntimeError as exc:
+    except (AgentRuntimeError, sqlite3.Error) as exc:
         print(f"agent-runtime: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -464,7 +464,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``agent-runtime`` console script."""
     args = _parser().parse_args(argv)
     if args.command == "serve":
-        return trio.run(_serve, args)
+        try:
+            return trio.run(_serve, args)
+        except StoreError as exc:
+            print(f"agent-runtime: {exc}", file=sys.stderr)
+            return 1
     if args.command in ("keys", "credits", "limits"):
         return _admin(args)
     if args.command == "bench":
