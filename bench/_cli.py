@@ -77,7 +77,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="turns in flight at once, one level per value (default 1,20,100)",
     )
     cancel.add_argument(
-        "--turns", type=int, default=50, metavar="N", help="turns per level (default 50)"
+        "--turns",
+        type=int,
+        default=100,
+        metavar="N",
+        help="turns per level, at least the largest --concurrency (default 100)",
     )
     cancel.add_argument(
         "--tokens-per-second",
@@ -150,19 +154,38 @@ def main(args: argparse.Namespace) -> int:
             return 0
         if args.action == "sessions":
             return _sessions(args, console)
-    except (ValueError, OSError) as exc:
-        console.print(f"[red]agent-runtime bench: {exc}[/red]")
+    except BaseException as exc:
+        # Errors raised inside trio nurseries arrive in exception groups.
+        if _find(exc, KeyboardInterrupt) is not None:
+            console.print("[yellow]agent-runtime bench: interrupted[/yellow]")
+            return 130
+        found = _find(exc, ValueError, OSError, RuntimeError)
+        if found is None:
+            raise
+        console.print(f"[red]agent-runtime bench: {found}[/red]")
         return 2
-    except KeyboardInterrupt:
-        console.print("[yellow]agent-runtime bench: interrupted[/yellow]")
-        return 130
     raise AssertionError(args.action)
+
+
+def _find(exc: BaseException, *kinds: type[BaseException]) -> BaseException | None:
+    """``exc`` or the first exception of one of ``kinds`` inside its groups."""
+    if isinstance(exc, kinds):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _find(inner, *kinds)
+            if found is not None:
+                return found
+    return None
 
 
 def options_from(args: argparse.Namespace) -> CancelOptions:
     """The :class:`CancelOptions` of ``bench cancel``'s arguments (ValueError if bad)."""
-    if args.turns < 1:
-        raise ValueError("--turns must be >= 1")
+    if args.turns < max(args.concurrency):
+        raise ValueError(
+            f"--turns ({args.turns}) must be at least the largest --concurrency "
+            f"({max(args.concurrency)}): a level runs that many turns at once"
+        )
     if args.processes < 0:
         raise ValueError("--processes must be >= 0")
     if not args.tokens_per_second > 0:
@@ -204,7 +227,14 @@ def _cancel(args: argparse.Namespace, console: Console) -> int:
     if args.plot:
         plot(doc, args.plot)
         console.print(f"wrote {args.plot}")
-    failed = any(not s.ok for level in result.levels for s in level.samples)
+    samples = [s for level in result.levels for s in level.samples]
+    unknown = sum(1 for s in samples if s.billed is None)
+    if unknown:
+        console.print(
+            f"[red]{unknown} turns: whether they were billed is unknown "
+            f"(GET /v1/usage failed?): not a pass[/red]"
+        )
+    failed = unknown > 0 or any(not s.ok for s in samples)
     return 1 if failed else 0
 
 

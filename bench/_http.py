@@ -8,9 +8,9 @@ processes (:mod:`bench._http_worker`; ``--processes``, or one per 50 streams),
 and each worker runs its share of turns over raw sockets in its own trio loop.
 
 Each worker is a child of a ``trio.run_process`` in this level's nursery, so
-no worker outlives the level: on an exception or a cancel the nursery kills
-them all (SIGKILL, at once: they hold no state worth a grace period) and reaps
-them. The exchange (see the worker's docstring for the line protocol): write
+no worker outlives the level: on an exception or a cancel the nursery stops
+them all (SIGINT, so each cancels or deletes the turns it has running on the
+server, then SIGKILL after a grace period) and reaps them. The exchange (see the worker's docstring for the line protocol): write
 the config line to each worker, wait for every ``{"ready": pid}``, then close
 every worker's stdin at once, which starts the load everywhere at the same
 instant. Samples stream back as JSON lines and reach ``on_sample`` as they
@@ -25,9 +25,11 @@ response id is among them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -58,6 +60,8 @@ USAGE_LIMIT: Final = 10_000
 START_TIMEOUT: Final = 30.0
 #: Bound on each wait of a turn inside a worker, seconds.
 TURN_TIMEOUT: Final = 30.0
+#: How long a stopped worker gets to clean its turns up before SIGKILL.
+STOP_GRACE: Final = 10.0
 #: Bytes of a worker's stderr kept for an error message.
 STDERR_KEPT: Final = 8192
 _ROOT: Final = Path(__file__).resolve().parent.parent
@@ -211,8 +215,14 @@ def _worker_env() -> dict[str, str]:
 
 
 async def _kill(process: trio.Process) -> None:
+    """Stop a worker we gave up on: SIGINT first, so it cancels or deletes the
+    turns it has running on the server (they would complete and be billed),
+    then SIGKILL if it has not exited within STOP_GRACE."""
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signal.SIGINT)
+    with trio.move_on_after(STOP_GRACE):
+        await process.wait()
     process.kill()
-    await trio.lowlevel.checkpoint()
 
 
 async def _drive(

@@ -86,6 +86,9 @@ PID_FILE: Final = "bench.pid"
 #: How often the pid file and the process group are polled, seconds.
 PID_POLL: Final = 0.002
 GROUP_POLL: Final = 0.0005
+#: A control connection idle this long is replaced before the cancel (servers
+#: close idle keep-alive connections; hypercorn after 5 s).
+CONTROL_IDLE: Final = 2.0
 #: How often the loop-lag probe wakes, seconds.
 LAG_PROBE: Final = 0.01
 TERMINALS: Final = frozenset(
@@ -184,6 +187,9 @@ class _Turn:
     tag: str = ""
     sid: str | None = None
     rid: str | None = None
+    #: The connection for session requests and the cancel, and when it was last used.
+    control: Connection | None = None
+    control_used_at: float = 0.0
     headers_ms: float | None = None
     first_event_ms: float | None = None
     ack_ms: float | None = None
@@ -236,20 +242,37 @@ class _Turn:
             raise StageError(f"{name}: {_error_text(exc)}") from exc
 
     async def run(self) -> None:
-        control: Connection | None = None
+        finished = False
         try:
             try:
                 with self.step("connect"):
-                    control = await self.worker.origin.connect()
-                await self._run(control)
+                    self.control = await self.worker.origin.connect()
+                    self.control_used_at = time.perf_counter()
+                await self._run(self.control)
+                finished = True
             except Exception as exc:  # never crash the worker: the sample says what failed
                 self.error = _error_text(exc)
-            if self.sid is not None:
-                # After a failure the control connection may hold half an answer.
-                await self._delete_session(control if self.error is None else None)
         finally:
-            if control is not None:
-                await control.aclose()
+            # Shielded: also when the worker is cancelled (Ctrl-C, a failed
+            # sibling), no turn of ours may stay running on the server, where it
+            # would complete and be billed.
+            with trio.CancelScope(shield=True):
+                if self.sid is not None:
+                    # After a failure the control connection may hold half an answer.
+                    await self._delete_session(self.control if finished else None)
+                elif self.rid is not None and not finished:
+                    await self._cancel_stateless()
+                if self.control is not None:
+                    await self.control.aclose()
+
+    async def _cancel_stateless(self) -> None:
+        """Cancel a stateless turn this worker gave up on (untimed; any answer is fine)."""
+        with trio.move_on_after(self.worker.config.timeout), contextlib.suppress(Exception):
+            conn = await self.worker.origin.connect()
+            try:
+                await conn.request("POST", f"/v1/responses/{self.rid}/cancel", b"")
+            finally:
+                await conn.aclose()
 
     async def _delete_session(self, control: Connection | None) -> None:
         """Delete the session (untimed; keeps the server clean). A 404 is fine:
@@ -283,6 +306,7 @@ class _Turn:
                 head, raw = await control.request("POST", "/v1/sessions", b"{}")
                 _expect(head, raw, 201, 200)
                 self.sid = json.loads(raw)["id"]
+                self.control_used_at = time.perf_counter()
             path = f"/v1/sessions/{self.sid}/messages"
             body = json.dumps({"message": text}).encode()
         with self.step("connect stream"):
@@ -397,6 +421,14 @@ class _Turn:
         if self.rid is None:
             raise ProtocolError("no X-Response-Id header and no id in the first event")
         pid = await self._tool_pid(control) if cfg.scenario == "tool" else None
+        if time.perf_counter() - self.control_used_at > CONTROL_IDLE:
+            # The server may have closed an idle keep-alive connection (hypercorn:
+            # after 5 s): reconnect now, before the cancel is timed.
+            with self.step("reconnect"):
+                fresh = await self.worker.origin.connect()
+            if self.control is not None:
+                await self.control.aclose()
+            self.control = control = fresh
         async with trio.open_nursery() as nursery:
             with self.step("cancel"):
                 if cfg.scenario == "delete":

@@ -103,3 +103,17 @@ async def test_bench_cancel_refuses_bad_arguments(tmp_path: Path) -> None:
     broken.write_text('{"schema": "something else"}')
     done = await bench("compare", str(broken), str(broken))
     assert done.returncode == 2
+
+
+async def test_bench_cancel_late_cancel_outlives_keep_alive(tmp_path: Path) -> None:
+    """A cancel later than the server's keep-alive timeout (hypercorn: 5 s) still
+    lands: the idle control connection is replaced before the cancel is timed."""
+    async with run_server(tmp_path, "--demo-tokens-per-second", "50") as served:
+        out = tmp_path / "late.json"
+        done = await bench(
+            "cancel", "--url", served.url, "--api-key", KEY, "--stateless",
+            "--concurrency", "1", "--turns", "1", "--cancel-at", "5.5", "--json", str(out),
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode() + done.stdout.decode()
+    [level] = load_json(out)["levels"]
+    assert level["counts"]["ok"] == 1, level["samples"]
