@@ -10,13 +10,14 @@ and each worker runs its share of turns over raw sockets in its own trio loop.
 Each worker is a child of a ``trio.run_process`` in this level's nursery, so
 no worker outlives the level: on an exception or a cancel the nursery stops
 them all (SIGINT, so each cancels or deletes the turns it has running on the
-server, then SIGKILL after a grace period) and reaps them. The exchange (see the worker's docstring for the line protocol): write
-the config line to each worker, wait for every ``{"ready": pid}``, then close
-every worker's stdin at once, which starts the load everywhere at the same
-instant. Samples stream back as JSON lines and reach ``on_sample`` as they
-arrive (a progress bar); the last line of each worker is its CPU and wall
-time, from which ``client_cpu_percent`` is computed, and a warning is raised
-when a worker was busy enough to have been the bottleneck.
+server, then SIGKILL after a grace period) and reaps them. The exchange (see
+the worker's docstring for the line protocol): write the config line to each
+worker, wait for every ``{"ready": pid}``, then close every worker's stdin at
+once, which starts the load everywhere at the same instant. Samples stream
+back as JSON lines and reach ``on_sample`` as they arrive (a progress bar);
+the last line of each worker is its CPU and wall time, from which
+``client_cpu_percent`` is computed, and a warning is raised when a worker was
+busy enough to have been the bottleneck.
 
 Billing is read back after the level, untimed: ``GET /v1/usage?limit=10000``
 lists the account's recent usage records; a sample is ``billed`` when its
