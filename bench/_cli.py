@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import trio
@@ -26,6 +26,10 @@ from ._samples import (
     parse_cancel_at,
     parse_levels,
 )
+
+#: Above this (percent of a core) the fake upstream's host process may have
+#: delayed what it measured.
+UPSTREAM_CPU_WARN: Final = 85.0
 
 if TYPE_CHECKING:
     import argparse
@@ -302,14 +306,23 @@ async def _run_level(
             up,
         ):
             streams = attrs.evolve(options, url=url, api_key=api_key, scenario="stream")
+            cpu, wall = time.process_time(), time.perf_counter()
             level = await run_http_level(streams, concurrency, on_sample)
+            # This process hosts the fake upstream, which stamps the close times.
+            busy = 100 * (time.process_time() - cpu) / max(time.perf_counter() - wall, 1e-9)
             # The last turns' connections may close a moment after their
             # terminal event: let the fake see them before reading it.
             await wait_upstream_closed(up, level.samples)
             clock_offset = trio.current_time() - time.perf_counter()
             samples = upstream_metrics(up, list(level.samples), clock_offset)
     samples = [attrs.evolve(s, scenario="upstream") for s in samples]
-    return attrs.evolve(level, samples=tuple(samples))
+    warnings = level.warnings
+    if busy >= UPSTREAM_CPU_WARN:
+        warnings += (
+            f"the fake upstream's process used {busy:.0f}% of a core: its close times "
+            f"include waiting for the CPU",
+        )
+    return attrs.evolve(level, samples=tuple(samples), warnings=warnings)
 
 
 def _sessions(args: argparse.Namespace, console: Console) -> int:
