@@ -297,7 +297,12 @@ async def _run_level(
     # The upstream scenario: our own server in front of an in-process fake
     # upstream; the turns are stream turns, and the fake tells when it saw
     # each connection close and what it produced after the ack.
-    from ._upstream import serve_with_fake_upstream, upstream_metrics, wait_upstream_closed
+    from ._upstream import (
+        current_clock_offset,
+        serve_with_fake_upstream,
+        upstream_metrics,
+        wait_upstream_closed,
+    )
 
     with tempfile.TemporaryDirectory(prefix="agent-runtime-bench-") as data_dir:
         async with serve_with_fake_upstream(options.tokens_per_second, data_dir=data_dir) as (
@@ -313,7 +318,7 @@ async def _run_level(
             # The last turns' connections may close a moment after their
             # terminal event: let the fake see them before reading it.
             await wait_upstream_closed(up, level.samples)
-            clock_offset = trio.current_time() - time.perf_counter()
+            clock_offset = current_clock_offset()
             samples = upstream_metrics(up, list(level.samples), clock_offset)
     samples = [attrs.evolve(s, scenario="upstream") for s in samples]
     warnings = level.warnings

@@ -69,6 +69,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ._samples import machine_info, redact_url
+from ._stats import percentile as _percentile
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Sequence
@@ -384,12 +385,9 @@ def _load_average() -> list[float] | None:
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile (``q`` in 0-100) or None if there are no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
+    """The percentile of every bench command (:func:`bench._stats.percentile`),
+    or None if there are no values."""
+    return _percentile(values, q) if values else None
 
 
 def _round(value: float | None, digits: int = 2) -> float | None:

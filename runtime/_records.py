@@ -114,10 +114,6 @@ class TurnRecord:
         return "response" if self.session_id is None else "session_turn"
 
 
-#: What ``Session.history()`` returns: one record per turn.
-HistoryEntry = TurnRecord
-
-
 @attrs.frozen(kw_only=True)
 class UsageRecord:
     """The ledger row of one completed turn."""

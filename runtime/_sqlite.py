@@ -775,6 +775,12 @@ def _finish_turn(conn: sqlite3.Connection, record: TurnRecord, *, touch: bool = 
         )
 
 
+def _finish_without_output(conn: sqlite3.Connection, record: TurnRecord) -> None:
+    """:func:`_finish_turn` of the smallest record that says how the turn ended
+    (the fallback when the whole one does not fit; built only then)."""
+    _finish_turn(conn, without_output(record))
+
+
 def _complete_turn(conn: sqlite3.Connection, usage: UsageRecord, record: TurnRecord) -> bool:
     inserted = conn.execute(
         "INSERT OR IGNORE INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -1051,10 +1057,9 @@ class SQLiteStore:
             # If the record does not fit (the disk is full: what failed the
             # turn may fail this too), its status still must: a turn left
             # in_progress would read as interrupted after the next restart.
-            slim = without_output(record)
             self._worker.submit(
                 functools.partial(_finish_turn, record=record),
-                functools.partial(_finish_turn, record=slim),
+                functools.partial(_finish_without_output, record=record),
             )
 
     async def get_turn(self, response_id: str) -> TurnRecord | None:

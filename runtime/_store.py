@@ -394,10 +394,6 @@ class MemoryStore:
             self._key_hashes[digest] = account_id
         return account_id
 
-    @property
-    def has_api_keys(self) -> bool:
-        return bool(self._key_hashes)
-
     # -- the Store interface ---------------------------------------------
 
     async def authenticate(self, api_key: str) -> str:

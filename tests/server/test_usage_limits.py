@@ -18,6 +18,7 @@ import trio
 from runtime import CreditMode, TextChunk, UsageChunk, WindowLimit
 
 from .conftest import KEY, OTHER_KEY, Harness, parse_sse
+from .test_turns_api import assert_error
 
 if TYPE_CHECKING:
     import httpx
@@ -131,17 +132,6 @@ async def complete_response(client: httpx.AsyncClient, *, stream: bool = True) -
     rid = r.headers["X-Response-Id"]
     assert isinstance(rid, str)
     return rid
-
-
-def assert_error(response: httpx.Response, status: int, error: str) -> dict[str, Any]:
-    """A JSON error ``{"error", "message"}`` with ``status``."""
-    assert response.status_code == status, response.text
-    assert response.headers["Content-Type"].startswith("application/json")
-    body: dict[str, Any] = response.json()
-    assert body["error"] == error
-    assert isinstance(body["message"], str)
-    assert body["message"]
-    return body
 
 
 def assert_rate_limited(response: httpx.Response, window: str = "hour") -> int:
