@@ -47,6 +47,7 @@ stdout: then one line ``{"sample": TurnSample}`` per turn (unstructured with
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -76,13 +77,13 @@ from ._stats import percentile
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator
 
-#: The ``tool`` scenario's command: the shell (the group leader, ``sh -c`` in
-#: its own process group with cwd = the workspace) writes its pid, then
-#: becomes ``sleep`` (``exec``: the group stays one process, reaped by the
-#: server; an orphaned grandchild would linger as a zombie where init does not
-#: reap, and look alive to ``killpg(pgid, 0)``).
-TOOL_COMMAND: Final = "echo $$ > bench.pid && exec sleep 60"
+#: The ``tool`` scenario's command: the shell (cwd = the workspace) writes
+#: the pid file, then becomes ``sleep`` with a unique argument, by which this
+#: worker finds the process in ``/proc`` (a pid the shell printed would be
+#: one of its sandbox's PID namespace, not ours).
+TOOL_COMMAND: Final = "echo started > bench.pid && exec sleep {seconds}"
 PID_FILE: Final = "bench.pid"
+_tool_calls: Final = itertools.count(1)
 #: How often the pid file and the process group are polled, seconds.
 PID_POLL: Final = 0.002
 GROUP_POLL: Final = 0.0005
@@ -185,6 +186,8 @@ class _Turn:
     #: Seconds after the first event to cancel (``cancel_at`` as a range).
     delay: float | None
     tag: str = ""
+    #: The tool scenario's ``sleep`` argument, unique per call.
+    tool_seconds: str = ""
     sid: str | None = None
     rid: str | None = None
     #: The connection for session requests and the cancel, and when it was last used.
@@ -297,7 +300,9 @@ class _Turn:
         cfg = w.config
         text = f"Write a 100000-word essay on cancellation [bench {self.tag}]"
         if cfg.scenario == "tool":
-            text = f"run: {TOOL_COMMAND}\n[bench {self.tag}]"
+            # 60.PPPPPPPNNNNNN seconds: unique to this worker and call.
+            self.tool_seconds = f"60.{os.getpid():07d}{next(_tool_calls):06d}"
+            text = f"run: {TOOL_COMMAND.format(seconds=self.tool_seconds)}\n[bench {self.tag}]"
         if cfg.stateless:
             path = "/v1/responses"
             body = json.dumps({"input": text, "stream": True}).encode()
@@ -455,8 +460,8 @@ class _Turn:
                     self.workspace_gone = head.status == 404
 
     async def _tool_pid(self, control: Connection) -> int | None:
-        """The tool's group leader, from the pid file it writes; None if this
-        machine cannot see that process (remote server, other PID namespace)."""
+        """The tool's ``sleep``, found by its argument once the pid file is
+        written; None if this machine cannot see that process (remote server)."""
         with self.step("tool pid file"):
             while True:
                 head, raw = await control.request(
@@ -467,29 +472,48 @@ class _Turn:
                 if head.status not in (200, 404):
                     _expect(head, raw, 200)
                 await trio.sleep(PID_POLL)
-        pid = int(raw)
         if not self.worker.origin.is_loopback:
             return None
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return None  # not ours to see
-        except PermissionError:
-            pass
-        return pid
+        argv = f"sleep\0{self.tool_seconds}\0".encode()
+        # The shell execs sleep right after writing the file.
+        with trio.move_on_after(1):
+            while True:
+                pid = await trio.to_thread.run_sync(_find_process, argv)
+                if pid is not None:
+                    return pid
+                await trio.sleep(PID_POLL)
+        return None  # not ours to see
 
     async def _watch_group(self, pid: int, t_cancel: float) -> None:
-        """Poll until process group ``pid`` is gone; record when."""
+        """Poll until the tool's process is gone (or a zombie); record when."""
         with self.step("process group gone"):
-            while True:
-                try:
-                    os.killpg(pid, 0)
-                except ProcessLookupError:
-                    self.group_gone_ms = (time.perf_counter() - t_cancel) * 1e3
-                    return
-                except PermissionError:
-                    pass
+            while True:  # polling: a non-child's death sends us nothing
+                if _dead(pid):
+                    break
                 await trio.sleep(GROUP_POLL)
+            self.group_gone_ms = (time.perf_counter() - t_cancel) * 1e3
+
+
+def _find_process(argv: bytes) -> int | None:
+    """The pid of a process whose command line is exactly ``argv``."""
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    if f.read() == argv:
+                        return int(name)
+            except OSError:
+                continue
+    return None
+
+
+def _dead(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return True
+    return stat[stat.rfind(b")") + 2 :].split()[0] in (b"Z", b"X")
 
 
 def _expect(head: Head, body: bytes, *statuses: int) -> None:

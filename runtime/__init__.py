@@ -95,6 +95,7 @@ from ._records import (
     WindowLimit as WindowLimit,
 )
 from ._runtime import Runtime as Runtime, RuntimeStatistics as RuntimeStatistics
+from ._sandbox import Sandbox as Sandbox, SandboxMode as SandboxMode, ToolLimits as ToolLimits
 from ._session import Session as Session
 from ._sqlite import SQLiteStore as SQLiteStore
 from ._state import CancelOutcome as CancelOutcome, TurnState as TurnState
@@ -164,6 +165,8 @@ __all__ = [
     "Runtime",
     "RuntimeStatistics",
     "SQLiteStore",
+    "Sandbox",
+    "SandboxMode",
     "Session",
     "SessionBusy",
     "SessionClosed",
@@ -182,6 +185,7 @@ __all__ = [
     "ToolCallRecord",
     "ToolCallRequest",
     "ToolCallStart",
+    "ToolLimits",
     "ToolResult",
     "ToolSpec",
     "ToolUseExecuting",

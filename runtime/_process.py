@@ -1,30 +1,29 @@
-"""``run_shell``: a tool subprocess whose whole process group dies with it.
+"""``run_shell``: a tool subprocess that cannot outlive its call.
 
 Theory of operation
 -------------------
-The command runs as ``/bin/sh -c CMD`` in a new session (so a new process
-group whose id is the shell's pid), with the workspace as cwd, stdin from
-``/dev/null`` and stdout+stderr on one pipe. We keep the first
-``max_output`` bytes and keep draining the rest so the child never blocks on a
-full pipe.
+The command runs as ``/bin/sh -c CMD`` under its :class:`~runtime._sandbox.Sandbox`
+(bubblewrap, or a bare process group; see that module), in a new session and
+process group, with resource limits, stdin from ``/dev/null`` and
+stdout+stderr on one pipe. We keep the first ``output_bytes`` bytes; the read
+that goes past them ends the call (the rest is never read).
 
-The group is swept in a ``finally`` that is shielded and bounded, whatever
-ended the call (normal exit, wall-time limit, cancel, an error): SIGTERM to the
-group, wait up to :data:`KILL_GRACE` for the shell, then SIGKILL to the group
-unconditionally, which also takes the shell's background children. We do not
-use ``trio.run_process(deliver_cancel=...)`` for this: trio cancels its kill
-routine as soon as the group *leader* exits, which leaves grandchildren alive
-(measured, STACK-NOTES 16).
-
-A process that left the group with ``setsid`` escapes this sweep (and could
-hold the output pipe open: we stop reading :data:`PIPE_GRACE` after the shell
-exits); the sandbox (a bubblewrap PID namespace) that closes that gap is a
-later piece of work.
+Whatever ends the call (the shell exits, the wall-time limit, the output cap,
+a cancel, an error), a shielded, bounded sweep SIGKILLs the whole group at
+once (no SIGTERM grace: a cancel must stop work in milliseconds) and waits
+until the kernel has finished every process of the call. In a bubblewrap
+sandbox the group holds the PID namespace's init, and the namespace dies with
+it; without one, the sweep also kills the processes that carry the call's
+environment marker (which catches ``setsid`` escapees) and reaps those this
+process adopted as subreaper. We do not use
+``trio.run_process(deliver_cancel=...)``: trio stops its kill routine once the
+group *leader* exits, which leaves grandchildren alive (STACK-NOTES 16).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import subprocess
@@ -33,18 +32,32 @@ from typing import TYPE_CHECKING, Final
 import attrs
 import trio
 
+from ._sandbox import (
+    MARKER,
+    Sandbox,
+    SandboxMode,
+    ToolLimits,
+    all_processes,
+    is_dead,
+    kill_all,
+    marked_processes,
+    proc_info,
+    reap_orphans,
+)
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
-#: How long the shell gets to exit on SIGTERM before the group is SIGKILLed.
-KILL_GRACE: Final = 0.05
 #: After the shell exits, how long its output pipe may stay open (held by a
-#: process that left the group) before we stop reading.
+#: process that escaped an unsandboxed sweep) before we stop reading.
 PIPE_GRACE: Final = 0.5
-#: How long the sweep waits for SIGKILLed members to die before giving up.
+#: How long the sweep waits for SIGKILLed processes to die before giving up.
 SWEEP_TIMEOUT: Final = 1.0
-DEFAULT_TIMEOUT: Final = 120.0
-DEFAULT_MAX_OUTPUT: Final = 64 * 1024
+DEFAULT_TIMEOUT: Final = ToolLimits().wall_seconds
+DEFAULT_MAX_OUTPUT: Final = ToolLimits().output_bytes
+#: Unsandboxed, for direct calls of :func:`run_shell` without a runtime.
+DIRECT: Final = Sandbox(mode=SandboxMode.NONE, token="direct")
+_calls: Final = itertools.count(1)
 
 
 @attrs.frozen
@@ -76,48 +89,50 @@ def live_group_members(pgid: int, among: Iterable[int] | None = None) -> list[in
         return []
     except PermissionError:
         pass
-    members = []
-    names = os.listdir("/proc") if among is None else [str(pid) for pid in among]
-    for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # pid (comm) state ppid pgrp ...; comm may contain spaces and parens.
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-            members.append(int(name))
-    return members
+    if among is None:
+        infos = all_processes()
+    else:
+        infos = [info for pid in among if (info := proc_info(pid)) is not None]
+    return [info.pid for info in infos if info.pgid == pgid and not is_dead(info)]
 
 
-async def _sweep(proc: trio.Process) -> None:
-    """Kill ``proc``'s whole group, reap the leader, and wait until every
-    member is dead (shield this)."""
-    if proc.returncode is None:
-        _killpg(proc.pid, signal.SIGTERM)
-        with trio.move_on_after(KILL_GRACE):
-            await proc.wait()
+def _call_processes(pgid: int, sandbox: Sandbox, marker: str) -> list[int]:
+    """One scan: the live processes of a call (its group; unsandboxed, also
+    whatever carries its marker), SIGKILLed on the way."""
+    infos = all_processes()
+    found = {info.pid for info in infos if info.pgid == pgid and not is_dead(info)}
+    if sandbox.mode is SandboxMode.NONE:
+        found.update(info.pid for info in marked_processes(marker, infos, exact=True))
+    kill_all(found)
+    return sorted(found)
+
+
+async def _sweep(proc: trio.Process, sandbox: Sandbox, marker: str) -> None:
+    """Kill everything of the call, reap the leader, and wait until every
+    process of it is dead (shield this)."""
     # Unconditionally: the leader may be gone while its children live on.
     _killpg(proc.pid, signal.SIGKILL)
     await proc.wait()
-    # SIGKILL is delivered asynchronously: a member on another CPU may still
+    # SIGKILL is delivered asynchronously: a process on another CPU may still
     # be running for a moment. Wait until the kernel has finished them, so
-    # "the turn ended" implies "its processes are gone".
+    # "the call ended" implies "its processes are gone".
     with trio.move_on_after(SWEEP_TIMEOUT):
         # Polling is the only way: a non-child's death sends us nothing. One
-        # scan of /proc finds the members (none can join: the whole group has
-        # SIGKILL pending, forks in flight included); then only they are
-        # watched, at 1 ms doubling to 16 ms, so a hundred sweeps at once do
-        # not rescan the machine a thousand times a second.
-        members = await trio.to_thread.run_sync(live_group_members, proc.pid)
+        # scan of /proc finds them (none can be added: the group has SIGKILL
+        # pending, forks in flight included, and a sandbox's namespace is
+        # dying with its init); then only they are watched, at 1 ms doubling
+        # to 16 ms, so a hundred sweeps at once do not rescan the machine a
+        # thousand times a second.
+        found = await trio.to_thread.run_sync(_call_processes, proc.pid, sandbox, marker)
+        members = found
         delay = 0.001
         while members:
             await trio.sleep(delay)
             delay = min(delay * 2, 0.016)
-            members = live_group_members(proc.pid, among=members)
+            members = [pid for pid in members if not is_dead(proc_info(pid))]
+        if sandbox.mode is SandboxMode.NONE:
+            # Orphans re-parented to us (we are their subreaper) are ours to reap.
+            reap_orphans([pid for pid in found if pid != proc.pid])
 
 
 async def run_shell(
@@ -125,28 +140,36 @@ async def run_shell(
     *,
     cwd: str,
     env: dict[str, str] | None = None,
-    time_limit: float = DEFAULT_TIMEOUT,
-    max_output: int = DEFAULT_MAX_OUTPUT,
+    limits: ToolLimits | None = None,
+    sandbox: Sandbox = DIRECT,
     on_start: Callable[[int], object] | None = None,
 ) -> ShellResult:
-    """Run ``command`` with ``/bin/sh -c`` in its own process group.
+    """Run ``command`` with ``/bin/sh -c`` under ``sandbox``, in its own
+    process group, within ``limits``.
 
     Args:
       command: the shell command line.
-      cwd: the working directory (the session's workspace).
-      env: the environment; ``None`` inherits ours.
-      time_limit: wall-time limit in seconds; on expiry the group is killed and
-        ``timed_out`` is set.
-      max_output: bytes of combined stdout/stderr kept; the rest is drained
-        and dropped, and ``truncated`` is set.
-      on_start: called with the shell's pid (which is also its group id).
+      cwd: the workspace: the shell's working directory (in a sandbox, it is
+        mounted at ``/opt/sandbox/workspace``, which is the shell's cwd).
+      env: the environment; ``None`` inherits ours. The call's marker
+        (:data:`~runtime._sandbox.MARKER`) is added to it.
+      limits: CPU, memory, file size, open files, wall time and output; on
+        wall-time expiry ``timed_out`` is set, past the output cap
+        ``truncated``, and the call is killed either way.
+      sandbox: how the call is confined; default unsandboxed.
+      on_start: called with the pid of the process started (the group
+        leader: the shell, or the outer ``bwrap``).
 
-    Cancellation: the whole process group is killed (SIGTERM, then SIGKILL
-    after at most :data:`KILL_GRACE`) and the shell reaped before
+    Cancellation: every process of the call is SIGKILLed, and gone, before
     ``trio.Cancelled`` propagates.
     """
+    if limits is None:
+        limits = ToolLimits()
+    marker = sandbox.marker(next(_calls))
+    env = dict(os.environ if env is None else env)
+    env[MARKER] = marker
     proc = await trio.lowlevel.open_process(
-        ["/bin/sh", "-c", command],
+        sandbox.argv(command, workspace=cwd, limits=limits),
         cwd=cwd,
         env=env,
         stdin=subprocess.DEVNULL,
@@ -156,6 +179,7 @@ async def run_shell(
     )
     assert proc.stdout is not None
     stdout = proc.stdout
+    cap = limits.output_bytes
     kept = bytearray()
     truncated = False
 
@@ -164,30 +188,35 @@ async def run_shell(
     async def drain() -> None:
         nonlocal truncated
         async for chunk in stdout:
-            room = max_output - len(kept)
-            if len(chunk) > room:
-                truncated = True
+            room = cap - len(kept)
             kept.extend(chunk[:room])
+            if len(chunk) > room:
+                # Past the cap: stop reading and stop the call.
+                truncated = True
+                _killpg(proc.pid, signal.SIGKILL)
+                break
         drained.set()
 
     try:
         if on_start is not None:
             on_start(proc.pid)
-        with trio.move_on_after(time_limit) as deadline:
+        with trio.move_on_after(limits.wall_seconds) as deadline:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(drain)
                 await proc.wait()
                 # The shell is done; whatever it left in the background must
-                # not outlive the call (it would also hold the pipe open).
+                # not outlive the call (it would also hold the pipe open). In
+                # a sandbox the namespace is already gone with its init.
                 _killpg(proc.pid, signal.SIGKILL)
-                # A process that escaped the group (setsid) may still hold the
-                # pipe: read what is in flight, then stop waiting for EOF.
+                # Unsandboxed, a process that escaped the group (setsid) may
+                # still hold the pipe: read what is in flight, then stop
+                # waiting for EOF (the sweep kills it by its marker).
                 with trio.move_on_after(PIPE_GRACE):
                     await drained.wait()
                 nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(5):
-            await _sweep(proc)
+            await _sweep(proc, sandbox, marker)
         with trio.CancelScope(shield=True):
             await stdout.aclose()
     return ShellResult(

@@ -37,8 +37,8 @@ from ._events import ResponseOptions
 from ._idempotency import IdempotencyKeys
 from ._ids import new_id
 from ._model import ChatMessage, ToolSpec
-from ._process import DEFAULT_TIMEOUT
 from ._respond import ResponseRound
+from ._sandbox import Sandbox, SandboxMode, ToolLimits, choose_sandbox, sweep_orphans
 from ._session import DEFAULT_IDLE_TIMEOUT, DEFAULT_TTL, Session
 from ._spawn import start_in
 from ._sqlite import SQLiteStore, database_path
@@ -106,7 +106,9 @@ class Runtime:
     store: Store
     grace_seconds: float
     idle_timeout: float
-    shell_timeout: float
+    tool_limits: ToolLimits
+    #: How ``run_shell`` is confined (bubblewrap or a bare process group).
+    sandbox: Sandbox
     prices: Mapping[str, Pricing]
     _token: object = attrs.field(alias="_token", repr=False)
     _nursery: trio.Nursery = attrs.field(alias="_nursery", repr=False)
@@ -144,7 +146,8 @@ class Runtime:
         store: Store | None = None,
         grace_seconds: float = DEFAULT_GRACE,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
-        shell_timeout: float = DEFAULT_TIMEOUT,
+        tool_limits: ToolLimits | None = None,
+        sandbox: str | Sandbox = "auto",
         prices: Mapping[str, Pricing] | None = None,
     ) -> AsyncIterator[Runtime]:
         """Open a runtime rooted at ``data_dir`` and close it on exit.
@@ -163,7 +166,13 @@ class Runtime:
           grace_seconds: how long a finished turn stays resumable/cancellable.
           idle_timeout: a non-persistent session is destroyed this long after
             its last turn ends.
-          shell_timeout: wall-time limit of one ``run_shell`` call.
+          tool_limits: CPU, memory, file size, open files, wall time and
+            output of one ``run_shell`` call (default :class:`ToolLimits`).
+          sandbox: ``"auto"`` (bubblewrap if it works here, else a bare
+            process group, with a warning logged), ``"bwrap"`` (or
+            ``ValueError``), ``"none"``, or a :class:`Sandbox`. At start-up,
+            tool processes left running by an earlier runtime on this
+            ``data_dir`` (one that crashed) are killed.
           prices: credits per million tokens by model name (default: the demo
             model's price; unknown models are free).
 
@@ -176,18 +185,23 @@ class Runtime:
         for name, value in (
             ("grace_seconds", grace_seconds),
             ("idle_timeout", idle_timeout),
-            ("shell_timeout", shell_timeout),
         ):
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, not {value!r}")
         root = Path(data_dir)
         (root / "workspaces").mkdir(parents=True, exist_ok=True)
+        if not isinstance(sandbox, Sandbox):
+            sandbox = choose_sandbox(sandbox, root)
+            if sandbox.mode is SandboxMode.NONE:
+                logger.warning("%s (process group + subreaper sweep only)", sandbox.reason)
         async with contextlib.AsyncExitStack() as stack:
             stack.enter_context(_exclusive(root))
+            # We hold the data dir: whatever tool carries its marker is an orphan.
+            sweep_orphans(sandbox.token)
             if store is None:
                 store = await stack.enter_async_context(SQLiteStore.open(database_path(root)))
-            async with cls._open(root, model, store, grace_seconds, idle_timeout, shell_timeout,
-                                 prices) as rt:  # fmt: skip
+            async with cls._open(root, model, store, grace_seconds, idle_timeout,
+                                 tool_limits or ToolLimits(), sandbox, prices) as rt:  # fmt: skip
                 yield rt
 
     @classmethod
@@ -199,7 +213,8 @@ class Runtime:
         store: Store,
         grace_seconds: float,
         idle_timeout: float,
-        shell_timeout: float,
+        tool_limits: ToolLimits,
+        sandbox: Sandbox,
         prices: Mapping[str, Pricing] | None,
     ) -> AsyncIterator[Runtime]:
         async with trio.open_nursery() as nursery:
@@ -209,7 +224,8 @@ class Runtime:
                 store=store,
                 grace_seconds=grace_seconds,
                 idle_timeout=idle_timeout,
-                shell_timeout=shell_timeout,
+                tool_limits=tool_limits,
+                sandbox=sandbox,
                 prices=dict(DEFAULT_PRICES if prices is None else prices),
                 _token=_TOKEN,
                 _nursery=nursery,

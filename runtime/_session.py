@@ -141,7 +141,8 @@ class Session:
                 model=rt.model,
                 toolbox=ToolBox(
                     workspace=self.workspace,
-                    shell_timeout=rt.shell_timeout,
+                    limits=rt.tool_limits,
+                    sandbox=rt.sandbox,
                     on_process=rt._for_testing_on_process,
                 ),
                 context=self._context(),

@@ -19,7 +19,8 @@ import trio
 
 from ._errors import AgentRuntimeError, InvalidRequest
 from ._model import ToolSpec
-from ._process import DEFAULT_MAX_OUTPUT, DEFAULT_TIMEOUT, run_shell
+from ._process import DIRECT, run_shell
+from ._sandbox import Sandbox, ToolLimits
 from ._workspace import SANDBOX_ROOT
 
 if TYPE_CHECKING:
@@ -58,8 +59,9 @@ BUILTIN_TOOLS: Final[tuple[ToolSpec, ...]] = (
     ToolSpec(
         name="run_shell",
         description=(
-            f"Run a shell command with cwd = the workspace ($WORKSPACE, {SANDBOX_ROOT} to "
-            "the agent). 120 s wall-time limit; the first 64 KiB of output are returned."
+            f"Run a shell command with cwd = the workspace ($WORKSPACE, {SANDBOX_ROOT}). "
+            "Limited in wall time, CPU, memory, file size and output (the first 64 KiB "
+            "by default; past that the command is stopped)."
         ),
         parameters=_params(command="the /bin/sh command line"),
     ),
@@ -79,8 +81,8 @@ class ToolBox:
     """Runs the built-in tools of one session."""
 
     workspace: Workspace
-    shell_timeout: float = DEFAULT_TIMEOUT
-    max_output: int = DEFAULT_MAX_OUTPUT
+    limits: ToolLimits = attrs.Factory(ToolLimits)
+    sandbox: Sandbox = DIRECT
     #: Called with the pid of each shell started (tests and statistics).
     on_process: Callable[[int], object] | None = None
 
@@ -129,20 +131,25 @@ class ToolBox:
         return ToolOutcome(f"unknown tool {name!r}", is_error=True)
 
     async def _run_shell(self, command: str) -> ToolOutcome:
-        env = shell_environment(self.workspace.root)
+        seen_as = self.sandbox.workspace_path or self.workspace.root
         result = await run_shell(
             command,
             cwd=self.workspace.root,
-            env=env,
-            time_limit=self.shell_timeout,
-            max_output=self.max_output,
+            env=shell_environment(seen_as),
+            limits=self.limits,
+            sandbox=self.sandbox,
             on_start=self.on_process,
         )
         text = result.output.decode("utf-8", errors="replace")
         if result.truncated:
-            text += f"\n[output truncated to {self.max_output} bytes]"
+            return ToolOutcome(
+                text + f"\n[output over {self.limits.output_bytes} bytes: the command was stopped]",
+                is_error=True,
+            )
         if result.timed_out:
-            return ToolOutcome(text + f"\n[killed after {self.shell_timeout:g} s]", is_error=True)
+            return ToolOutcome(
+                text + f"\n[killed after {self.limits.wall_seconds:g} s]", is_error=True
+            )
         if result.returncode:
             return ToolOutcome(text + f"\n[exit status {result.returncode}]", is_error=True)
         return ToolOutcome(text)

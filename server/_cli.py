@@ -26,12 +26,15 @@ from runtime import (
     OpenAIModel,
     Pricing,
     Runtime,
+    SandboxMode,
     SQLiteStore,
     StoreError,
     TextDelta,
+    ToolLimits,
     WindowLimit,
 )
 from runtime._records import BUCKETS, WINDOWS
+from runtime._sandbox import choose_sandbox
 from runtime._sqlite import (
     account_of_key,
     add_credits,
@@ -130,6 +133,33 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="how long a finished turn stays resumable and cancellable (default 120)",
     )
+    tools = serve.add_argument_group(
+        "tools", "where run_shell runs and its limits per call (the shell and its children)"
+    )
+    tools.add_argument(
+        "--sandbox",
+        choices=("auto", "bwrap", "none"),
+        default="auto",
+        help="'auto' (default): a bubblewrap sandbox if bwrap works here, else none with a "
+        "warning; 'bwrap': the sandbox or refuse to start; 'none': a process group only",
+    )
+    defaults = ToolLimits()
+    for flag, field, kind, unit in (
+        ("--tool-timeout", "wall_seconds", float, "SECONDS"),
+        ("--tool-cpu-seconds", "cpu_seconds", int, "SECONDS"),
+        ("--tool-memory", "memory_bytes", int, "BYTES"),
+        ("--tool-max-file-size", "file_size_bytes", int, "BYTES"),
+        ("--tool-open-files", "open_files", int, "N"),
+        ("--tool-max-output", "output_bytes", int, "BYTES"),
+    ):
+        tools.add_argument(
+            flag,
+            dest=field,
+            type=kind,
+            default=getattr(defaults, field),
+            metavar=unit,
+            help=f"{_LIMIT_HELP[field]} (default {getattr(defaults, field)})",
+        )
 
     keys = sub.add_parser(
         "keys", help="create and list API keys (on the data dir's store)"
@@ -236,8 +266,33 @@ def _data_dir(parser: argparse.ArgumentParser) -> None:
     )
 
 
+_LIMIT_HELP: Final = {
+    "wall_seconds": "wall time, then the call is killed",
+    "cpu_seconds": "CPU time",
+    "memory_bytes": "address space",
+    "file_size_bytes": "largest file written",
+    "open_files": "open files per process",
+    "output_bytes": "output kept; past it the call is stopped",
+}
+
+
 async def _serve(args: argparse.Namespace) -> int:
     from ._serve import serve
+
+    try:
+        limits = ToolLimits(**{field: getattr(args, field) for field in _LIMIT_HELP})
+        sandbox = choose_sandbox(args.sandbox, args.data_dir)
+    except ValueError as exc:
+        print(f"agent-runtime: {exc}", file=sys.stderr)
+        return 2
+    if sandbox.mode is SandboxMode.NONE:
+        print(
+            f"agent-runtime: WARNING: {sandbox.reason}. Tool commands run as this user on the "
+            "host's file system and network, in a process group that is killed with its "
+            "turn; install bubblewrap for the sandbox.",
+            file=sys.stderr,
+            flush=True,
+        )
 
     model: Model
     if args.model == "demo":
@@ -273,6 +328,8 @@ async def _serve(args: argparse.Namespace) -> int:
                 model=model,
                 store=store,
                 grace_seconds=args.grace_seconds,
+                tool_limits=limits,
+                sandbox=sandbox,
                 prices={model.name: Pricing(*args.price)},
             )
         )

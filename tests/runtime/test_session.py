@@ -21,9 +21,11 @@ from runtime import (
     TextChunk,
     ToolCallDelta,
     ToolCallStart,
+    ToolLimits,
     TurnState,
     UsageChunk,
 )
+from runtime._process import DIRECT
 
 from ..fakes import FakeModel
 from ..helpers import collect, group_gone, process_gone, types, wait_for_children
@@ -303,7 +305,8 @@ async def test_runtime_has_no_public_constructor(tmp_path: Path) -> None:
             store=MemoryStore(),
             grace_seconds=1,
             idle_timeout=1,
-            shell_timeout=1,
+            tool_limits=ToolLimits(),
+            sandbox=DIRECT,
             prices={},
             _token=object(),
             _nursery=None,  # type: ignore[arg-type]

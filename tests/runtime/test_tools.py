@@ -15,8 +15,8 @@ import psutil
 import pytest
 import trio
 
-from runtime import BUILTIN_TOOLS, SANDBOX_ROOT, Workspace
-from runtime._process import KILL_GRACE, ShellResult, run_shell
+from runtime import BUILTIN_TOOLS, SANDBOX_ROOT, ToolLimits, Workspace
+from runtime._process import ShellResult, run_shell
 from runtime._tools import ToolBox, ToolOutcome
 
 if TYPE_CHECKING:
@@ -304,17 +304,19 @@ async def test_toolbox_run_shell_nonzero_exit(toolbox: ToolBox) -> None:
 
 
 async def test_toolbox_run_shell_truncates_output(ws: Workspace) -> None:
-    """Output over max_output is cut to max_output bytes with a truncation note."""
-    toolbox = ToolBox(workspace=ws, max_output=100)
+    """Output over the cap is cut to the cap, the command stopped, an error outcome."""
+    toolbox = ToolBox(workspace=ws, limits=ToolLimits(output_bytes=100))
     with trio.fail_after(GUARD):
         outcome = await toolbox.call("run_shell", _args(command="yes | head -c 100000"))
-    assert outcome == ToolOutcome("y\n" * 50 + "\n[output truncated to 100 bytes]")
+    assert outcome == ToolOutcome(
+        "y\n" * 50 + "\n[output over 100 bytes: the command was stopped]", is_error=True
+    )
 
 
 async def test_toolbox_run_shell_timeout(ws: Workspace) -> None:
-    """A shell over shell_timeout is killed and reported as an error outcome."""
+    """A shell over its wall-time limit is killed and reported as an error outcome."""
     pids: list[int] = []
-    toolbox = ToolBox(workspace=ws, shell_timeout=0.5, on_process=pids.append)
+    toolbox = ToolBox(workspace=ws, limits=ToolLimits(wall_seconds=0.5), on_process=pids.append)
     with trio.fail_after(2):
         outcome = await toolbox.call("run_shell", _args(command="sleep 30"))
     assert outcome == ToolOutcome("\n[killed after 0.5 s]", is_error=True)
@@ -339,7 +341,9 @@ async def test_run_shell_result(tmp_path: Path) -> None:
 async def test_run_shell_exact_max_output_not_truncated(tmp_path: Path) -> None:
     """Output of exactly max_output bytes is kept whole and not flagged truncated."""
     with trio.fail_after(GUARD):
-        result = await run_shell("printf 0123456789", cwd=str(tmp_path), max_output=10)
+        result = await run_shell(
+            "printf 0123456789", cwd=str(tmp_path), limits=ToolLimits(output_bytes=10)
+        )
     assert (result.output, result.truncated) == (b"0123456789", False)
 
 
@@ -385,8 +389,7 @@ async def test_run_shell_background_process_swept(tmp_path: Path) -> None:
 
 
 async def test_run_shell_sigterm_ignored_still_killed(tmp_path: Path) -> None:
-    """A group that ignores SIGTERM is SIGKILLed KILL_GRACE after a cancel."""
-    assert KILL_GRACE < 1
+    """A group that ignores SIGTERM is killed at once on cancel (SIGKILL, no grace)."""
     pids: list[int] = []
     done = trio.Event()
     with trio.fail_after(GUARD):
@@ -412,13 +415,13 @@ async def test_run_shell_sigterm_ignored_still_killed(tmp_path: Path) -> None:
 
 
 async def test_run_shell_time_limit(tmp_path: Path) -> None:
-    """On time_limit the group is killed and the partial output kept."""
+    """On the wall-time limit the group is killed and the partial output kept."""
     pids: list[int] = []
     with trio.fail_after(2):
         result = await run_shell(
             "echo partial; sleep 30",
             cwd=str(tmp_path),
-            time_limit=0.5,
+            limits=ToolLimits(wall_seconds=0.5),
             on_start=pids.append,
         )
     assert result.timed_out
