@@ -97,12 +97,19 @@ def live_group_members(pgid: int, among: Iterable[int] | None = None) -> list[in
 
 
 def _call_processes(pgid: int, sandbox: Sandbox, marker: str) -> list[int]:
-    """One scan: the live processes of a call (its group; unsandboxed, also
-    whatever carries its marker), SIGKILLed on the way."""
+    """One scan: the processes of a call (its group; unsandboxed, also
+    whatever carries its marker), SIGKILLed on the way. Unsandboxed, the
+    group's zombies that are our (adopted) children are included, to be reaped."""
     infos = all_processes()
     found = {info.pid for info in infos if info.pgid == pgid and not is_dead(info)}
     if sandbox.mode is SandboxMode.NONE:
         found.update(info.pid for info in marked_processes(marker, infos, exact=True))
+        me = os.getpid()
+        found.update(
+            info.pid
+            for info in infos
+            if info.pgid == pgid and info.ppid == me and info.pid != pgid and is_dead(info)
+        )
     kill_all(found)
     return sorted(found)
 

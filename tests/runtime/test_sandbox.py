@@ -32,7 +32,15 @@ from runtime import (
     UsageChunk,
 )
 from runtime._process import DIRECT, run_shell
-from runtime._sandbox import MARKER, Sandbox, _bwrap_problem, choose_sandbox, data_dir_token
+from runtime._sandbox import (
+    MARKER,
+    Sandbox,
+    _bwrap_problem,
+    all_processes,
+    become_subreaper,
+    choose_sandbox,
+    data_dir_token,
+)
 
 from ..fakes import FakeModel
 from ..helpers import collect, process_gone
@@ -338,3 +346,16 @@ def test_choose_sandbox_without_bwrap(tmp_path: Path, monkeypatch: pytest.Monkey
             choose_sandbox("docker", tmp_path)
     finally:
         _bwrap_problem.cache_clear()
+
+
+async def test_fallback_reaps_adopted_orphans(tmp_path: Path) -> None:
+    """Unsandboxed, this process is the subreaper of a tool's orphans: one that
+    exits on its own is reaped by the sweep, not left a zombie of ours."""
+    become_subreaper()
+    with trio.fail_after(GUARD):
+        result = await run_shell(
+            "(sleep 0.05 &) ; sleep 0.5; echo done", cwd=str(tmp_path), sandbox=DIRECT
+        )
+    assert result.output == b"done\n"
+    left = [info for info in all_processes() if info.pgid == result.pid]
+    assert left == []
