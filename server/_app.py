@@ -53,6 +53,13 @@ if TYPE_CHECKING:
 JSON_LIMIT: Final = 1024 * 1024
 FILE_LIMIT: Final = 64 * 1024 * 1024
 PING_INTERVAL: Final = 15.0
+#: Most events in one SSE write. A reader far behind (a resume from the start
+#: of a long turn) gets its backlog in writes of this many events, so a client
+#: that stops reading pins one write (~35 KB; h11 frames a copy of it) in the
+#: server's memory, not the rest of the turn at once (the turn's buffer holds
+#: the events already; 20 readers stalled at the start of a 30,000-event turn
+#: cost 190 MB when the whole backlog went in one write).
+MAX_EVENTS_PER_WRITE: Final = 256
 #: Most usage records one ``GET /v1/usage?limit=N`` returns.
 MAX_USAGE_RECORDS: Final = 10_000
 _DURATION_RE: Final = re.compile(r"(\d+(?:\.\d+)?)([smh])")
@@ -387,7 +394,10 @@ async def sse_body(turn: Turn, after: int | None) -> AsyncIterator[bytes]:
     """The turn's events after ``after`` as SSE, coalesced, with idle pings.
 
     This generator is a reader of the turn's buffer: if the client goes away
-    it is cancelled, and the turn is not affected.
+    it is cancelled, and the turn is not affected. Each ``yield`` is one socket
+    write, which waits while the client does not read (backpressure): what is
+    pending for a slow client is at most one write of
+    :data:`MAX_EVENTS_PER_WRITE` events.
     """
     cursor = -1 if after is None else after
     while True:
@@ -397,7 +407,9 @@ async def sse_body(turn: Turn, after: int | None) -> AsyncIterator[bytes]:
                 return
             yield b": ping\n\n"  # nudged by the pinger: keep the connection alive
             continue
-        yield b"".join(sse_frame(event) for event in batch)
+        for start in range(0, len(batch), MAX_EVENTS_PER_WRITE):
+            part = batch[start : start + MAX_EVENTS_PER_WRITE]
+            yield b"".join([sse_frame(event) for event in part])
         cursor = batch[-1].sequence_number
         if batch[-1].is_terminal:
             return

@@ -1,0 +1,49 @@
+"""The load benchmark (``benchmarks/load.py``, :mod:`bench._load`) at reduced counts.
+
+It runs the real scenario (``agent-runtime serve`` subprocesses, client worker
+processes on raw sockets) and asserts correctness only: every idle stream was
+opened and held, and every streaming turn completed with contiguous ids, one
+terminal event and every word delivered (the workers check each event and
+count any deviation as an error). Latency and memory are the benchmark's to
+report, never a test's to assert (the machine is shared).
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from bench._load import LoadOptions, run_load
+
+IDLE_STREAMS = 300
+STREAMS = 100
+TOKENS_PER_SECOND = 20.0
+DURATION = 5.0
+
+
+@pytest.mark.slow
+async def test_load_scenario_delivers_every_event_without_errors() -> None:
+    """300 idle streams held, then 100 turns at 20 tokens/s for 5 s: no error,
+    every stream complete and in order."""
+    options = LoadOptions(
+        idle_streams=IDLE_STREAMS,
+        streams=STREAMS,
+        tokens_per_second=TOKENS_PER_SECOND,
+        duration=DURATION,
+        health_seconds=1.0,
+    )
+    with trio.fail_after(120):
+        doc = await run_load(options)
+    idle, stream = doc["idle"], doc["stream"]
+    assert idle["error_kinds"] == {}
+    assert idle["held"] == IDLE_STREAMS
+    assert idle["health_samples"] > 0
+    assert idle["rss_per_stream_kb"] is not None
+    words = round(TOKENS_PER_SECOND * DURATION)
+    assert stream["error_kinds"] == {}
+    assert stream["completed"] == STREAMS
+    assert stream["deltas"] == stream["deltas_expected"] == STREAMS * words
+    # Per stream: created, in_progress, output item and part added, the deltas,
+    # then done events and the completion; at least the deltas and a terminal.
+    assert stream["events"] >= STREAMS * (words + 1)
+    assert stream["lag_ms"]["p50"] is not None
