@@ -6,7 +6,11 @@
   then gets the body from memory.
 * Authentication first: a ``/v1`` request whose key is missing or unknown is
   answered 401 before its body is read, so nobody without a key can make the
-  server buffer an upload.
+  server buffer an upload. There is one 401, byte for byte: whatever was
+  wrong with the key (missing, another scheme, malformed, unknown, or two
+  ``Authorization`` headers, which a proxy might read differently), and
+  whichever layer refused it (a 401 the app sends is replaced by this one),
+  so a refusal tells nothing about why.
 * Finished connections: quart-trio cancels the request's nursery right after
   the last ``send``, which cancels hypercorn's own close of the response.
   Sending the final body chunk shielded (and bounded) lets it complete, so a
@@ -25,7 +29,7 @@ import trio
 from runtime import Unauthorized
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Iterable
 
     from hypercorn.typing import ASGIFramework, ASGIReceiveEvent, ASGISendEvent
 
@@ -34,6 +38,8 @@ if TYPE_CHECKING:
 #: that write (STACK-NOTES 4); shutdown handles that by exiting.
 FINAL_SEND_TIMEOUT: Final = 10.0
 _UPLOAD_RE: Final = re.compile(r"^/v1/sessions/[^/]+/files/.")
+#: The message of the one 401.
+UNAUTHORIZED: Final = "missing or unknown API key; send 'Authorization: Bearer KEY'"
 
 
 @final
@@ -57,20 +63,13 @@ class Guard:
             await _refuse(send, 503, "shutting_down", "the server is shutting down")
             return
         if self.authenticate is not None and scope["path"].startswith("/v1"):
-            header = next((v for n, v in scope["headers"] if n == b"authorization"), b"")
-            scheme, _, key = header.decode("latin-1").partition(" ")
+            key = bearer_key(scope["headers"])
             try:
-                if scheme.lower() != "bearer" or not key.strip():
-                    raise Unauthorized("missing API key")
-                await self.authenticate(key.strip())
+                if key is None:
+                    raise Unauthorized(UNAUTHORIZED)
+                await self.authenticate(key)
             except Unauthorized:
-                await _refuse(
-                    send,
-                    401,
-                    "unauthorized",
-                    "missing or unknown API key; send 'Authorization: Bearer KEY'",
-                    [(b"www-authenticate", b"Bearer")],
-                )
+                await _unauthorized(send)
                 return
         path = scope["path"]
         if not path.startswith("/v1"):
@@ -109,14 +108,38 @@ class Guard:
                 return replay.pop()
             return await receive()  # type: ignore[no-any-return]
 
+        replaced = False
+
         async def send_final_shielded(message: ASGISendEvent) -> None:
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
+            nonlocal replaced
+            if replaced:
+                return  # the body of the app's own 401
+            if message["type"] == "http.response.start" and message["status"] == 401:
+                replaced = True
+                await _unauthorized(send)
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 with trio.CancelScope(shield=True), trio.move_on_after(FINAL_SEND_TIMEOUT):
                     await send(message)
             else:
                 await send(message)
 
         await self.app(scope, receive_replayed, send_final_shielded)
+
+
+def bearer_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The key of the request's one ``Authorization: Bearer KEY`` header
+    (scheme in any case, RFC 9110 11.1), or None: no such header, another
+    scheme, an empty key, or more than one ``Authorization`` header."""
+    values = [value for name, value in headers if name == b"authorization"]
+    if len(values) != 1:
+        return None
+    scheme, _, key = values[0].decode("latin-1").partition(" ")
+    key = key.strip(" \t")  # HTTP's whitespace only: '\xa0KEY' is not KEY
+    return key if scheme.lower() == "bearer" and key else None
+
+
+async def _unauthorized(send: Any) -> None:
+    await _refuse(send, 401, "unauthorized", UNAUTHORIZED, [(b"www-authenticate", b"Bearer")])
 
 
 async def _too_large(send: Any, limit: int) -> None:
