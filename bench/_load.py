@@ -36,7 +36,6 @@ use and loop lag are reported: a busy client would measure itself.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import math
 import os
@@ -94,7 +93,6 @@ SERVER_CODE: Final = (
     "raise SystemExit(cli.main())\n"
 )
 _WORDS_RE: Final = re.compile(r"(\d+)-word")
-PR_SET_PDEATHSIG: Final = 1
 
 
 @final
@@ -184,10 +182,11 @@ async def run_server(tokens_per_second: float) -> AsyncIterator[Server]:
                 stderr=subprocess.STDOUT,
                 cwd=ROOT,
                 env=_env(),
-                # Its own session (a terminal's Ctrl-C reaches only us: we stop
-                # it), but SIGTERM if we die without stopping it.
+                # Its own session: a terminal's Ctrl-C reaches only us, and we
+                # stop it (SIGTERM to benchmarks/load.py does too). No
+                # PR_SET_PDEATHSIG: trio forks from a worker thread, whose exit
+                # would fire it.
                 start_new_session=True,
-                preexec_fn=_term_with_parent,
             )
         server = Server(process, "", key, log)
         try:
@@ -212,12 +211,6 @@ async def run_server(tokens_per_second: float) -> AsyncIterator[Server]:
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(process.pid, signal.SIGKILL)
                     await process.wait()
-
-
-def _term_with_parent() -> None:
-    """In the child before exec: SIGTERM when the parent dies (Linux)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _env() -> dict[str, str]:
@@ -258,7 +251,6 @@ async def open_workers(
             stdout=subprocess.PIPE,
             cwd=ROOT,
             env=_env(),
-            preexec_fn=_term_with_parent,
         )
         workers.processes.append(process)
         assert process.stdin is not None
@@ -270,14 +262,21 @@ async def open_workers(
             if first is None or "ready" not in first:
                 raise RuntimeError(f"load worker failed to start: {first!r}")
             task_status.started()
+            replied = False
             while (message := await lines.next()) is not None:
                 if expect in message:
+                    replied = True
                     workers.replies.append(message[expect])
                     got_reply.release()
                 elif "stats" in message:
                     workers.stats.append(message["stats"])
                 else:
                     raise RuntimeError(f"load worker sent {message!r}")
+            if not replied:
+                await process.wait()
+                raise RuntimeError(
+                    f"load worker {process.pid} exited ({process.returncode}) before its reply"
+                )
         finally:
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(STOP_GRACE):

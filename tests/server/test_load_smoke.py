@@ -10,10 +10,14 @@ report, never a test's to assert (the machine is shared).
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import trio
+import trio.testing
 
 from bench._load import LoadOptions, run_load
+from server._app import FlushTicker
 
 IDLE_STREAMS = 300
 STREAMS = 100
@@ -47,3 +51,42 @@ async def test_load_scenario_delivers_every_event_without_errors() -> None:
     # then done events and the completion; at least the deltas and a terminal.
     assert stream["events"] >= STREAMS * (words + 1)
     assert stream["lag_ms"]["p50"] is not None
+
+
+async def test_flush_ticker_paces_writers_only_when_the_loop_lags() -> None:
+    """Unloaded, ``wait_flush`` returns at once; once the loop has woken its
+    timer late (a task blocking it), writers wait for the next shared tick."""
+    flush = FlushTicker(interval=0.02, lag=0.005)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flush.run)
+        with trio.fail_after(10):
+            start = trio.current_time()
+            for _ in range(100):
+                await flush.wait_flush()
+            assert trio.current_time() - start < 0.02  # no tick waited for
+            while not flush.loaded:
+                time.sleep(0.03)  # noqa: ASYNC251 - block the loop on purpose: the ticker wakes late
+                await trio.sleep(0.02)
+            start = trio.current_time()
+            await flush.wait_flush()
+            waited = trio.current_time() - start
+        assert waited > 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_flush_ticker_release_wakes_waiting_writers() -> None:
+    """A writer waiting for the tick under load is woken by ``release`` (what a
+    cancel does), without waiting for the ticker."""
+    flush = FlushTicker(late=1.0)  # loaded, and no ticker running: only release wakes
+    woke: list[bool] = []
+
+    async def writer() -> None:
+        await flush.wait_flush()
+        woke.append(True)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer)
+        await trio.testing.wait_all_tasks_blocked()
+        assert woke == []
+        flush.release()
+    assert woke == [True]
