@@ -175,15 +175,17 @@ async def run_shell(
     marker = sandbox.marker(next(_calls))
     env = dict(os.environ if env is None else env)
     env[MARKER] = marker
-    proc = await trio.lowlevel.open_process(
-        sandbox.argv(command, workspace=cwd, limits=limits),
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    with sandbox.spawn_args(command, workspace=cwd, limits=limits) as (argv, fds):
+        proc = await trio.lowlevel.open_process(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            pass_fds=fds,
+        )
     assert proc.stdout is not None
     stdout = proc.stdout
     cap = limits.output_bytes

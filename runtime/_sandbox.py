@@ -57,7 +57,7 @@ import attrs
 from ._workspace import SANDBOX_ROOT
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Iterable, Iterator, Sequence
 
 logger: Final = logging.getLogger("runtime")
 
@@ -176,6 +176,30 @@ class Sandbox:
             "--",
             *shell,
         ]
+
+    @contextlib.contextmanager
+    def spawn_args(
+        self, command: str, *, workspace: str, limits: ToolLimits
+    ) -> Iterator[tuple[list[str], tuple[int, ...]]]:
+        """(argv, fds to pass) that run :meth:`argv`, valid inside the block.
+
+        bwrap reads its arguments from a memfd (``--args FD``): on its command
+        line they would show every host path to the tool in
+        ``/proc/1/cmdline``.
+        """
+        argv = self.argv(command, workspace=workspace, limits=limits)
+        if self.mode is SandboxMode.NONE:
+            yield argv, ()
+            return
+        # bwrap takes options from the fd; the command stays on the command line.
+        end = argv.index("--")
+        fd = os.memfd_create("bwrap-args", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, b"".join(os.fsencode(arg) + b"\0" for arg in argv[1:end]))
+            os.lseek(fd, 0, os.SEEK_SET)
+            yield [argv[0], "--args", str(fd), *argv[end:]], (fd,)
+        finally:
+            os.close(fd)
 
     def marker(self, call: int) -> str:
         return f"{self.token}.{call}"

@@ -867,13 +867,10 @@ async def test_an_account_id_is_not_its_keys_hash(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not SANDBOXED, reason="bubblewrap is not installed")
-@pytest.mark.xfail(
-    reason="runtime/_sandbox.py: the PID namespace's init is a bwrap process, so "
-    "/proc/1/cmdline in the sandbox is bwrap's whole command line, with the data "
-    "dir and the workspace's host path (bwrap --args FD would keep it off argv)"
-)
 async def test_a_sandboxed_shell_cannot_read_host_paths_from_proc(tmp_path: Path) -> None:
-    """In the sandbox, the processes a tool can see show no host path."""
+    """In the sandbox, the processes a tool can see show no host path (bwrap
+    reads its options from a memfd). /proc/self/mountinfo still names the
+    workspace's host directory: that is inherent to a bind mount."""
     command = json.dumps({"command": "cat /proc/[0-9]*/cmdline | tr '\\0' ' '"})
     model = FakeModel(
         steps=[
