@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import logging
 import os
 import sqlite3
 import sys
@@ -276,8 +277,32 @@ _LIMIT_HELP: Final = {
 }
 
 
+class _RedactingFormatter(logging.Formatter):
+    """Log lines with the data dir's path replaced by ``$DATA_DIR``: exception
+    texts name its files, and no host path goes into a log line."""
+
+    def __init__(self, data_dir: str) -> None:
+        super().__init__("[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s")
+        paths = {os.path.abspath(data_dir), os.path.realpath(data_dir)}
+        self._paths = sorted(paths, key=len, reverse=True)
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        for path in self._paths:
+            text = text.replace(path, "$DATA_DIR")
+        return text
+
+
+def _log_to_stderr(data_dir: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_RedactingFormatter(data_dir))
+    logging.basicConfig(handlers=[handler], level=logging.INFO, force=True)
+
+
 async def _serve(args: argparse.Namespace) -> int:
     from ._serve import serve
+
+    _log_to_stderr(args.data_dir)
 
     try:
         limits = ToolLimits(**{field: getattr(args, field) for field in _LIMIT_HELP})
