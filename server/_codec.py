@@ -7,6 +7,7 @@ the JSON of DESIGN.md (and OpenAI's Responses shapes for ``response.*``).
 from __future__ import annotations
 
 import json
+import re
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
@@ -28,6 +29,30 @@ if TYPE_CHECKING:
     from runtime._usage import UsageReport, UsageWindow
 
 converter: Final = cattrs.Converter()
+
+#: Characters written as ``\uXXXX`` escapes although JSON may carry them raw:
+#: U+0085, U+2028 and U+2029, on which ``str.splitlines`` (so httpx's
+#: ``aiter_lines`` and clients built on it) and pre-2019 JavaScript break a
+#: line, which would cut an SSE ``data:`` line in two; and lone surrogates
+#: (from a broken upstream), which UTF-8 cannot encode at all. JSON's own
+#: escaping already covers every character below U+0020 (CR, LF, NUL, ESC,
+#: VT, FF, FS, GS, RS). All JSON syntax is ASCII, so each of these can only
+#: be inside a string, where its escape means the same character.
+_ESCAPED: Final = re.compile("[\u0085\u2028\u2029\ud800-\udfff]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
+def dumps(body: Any, *, compact: bool = True, allow_nan: bool = True) -> str:
+    """``body`` as JSON whose text holds no line separator any common line
+    splitter honours, and encodes to UTF-8 whatever its strings hold."""
+    separators = (",", ":") if compact else (", ", ": ")
+    text = json.dumps(body, separators=separators, ensure_ascii=False, allow_nan=allow_nan)
+    if text.isascii():  # the common case, O(1) in CPython
+        return text
+    return _ESCAPED.sub(_escape, text)
 
 
 def usage_json(usage: Usage | None) -> dict[str, Any] | None:
@@ -57,8 +82,15 @@ def event_json(event: Event) -> dict[str, Any]:
 
 
 def sse_frame(event: Event) -> bytes:
-    """One SSE frame: ``id: N``, ``event: TYPE``, ``data: JSON``, blank line."""
-    data = json.dumps(event_json(event), separators=(",", ":"), ensure_ascii=False)
+    """One SSE frame: ``id: N``, ``event: TYPE``, ``data: JSON``, blank line.
+
+    The data is one line whatever the event's text holds (see :func:`dumps`):
+    SSE decoders split lines on CR, LF and CRLF, naive ones also on U+0085,
+    U+2028 and U+2029, and none of them occurs raw in it. The frame is encoded
+    whole, so a write never ends inside a UTF-8 sequence (TCP still may: the
+    clients' incremental decoders handle that).
+    """
+    data = dumps(event_json(event))
     return f"id: {event.sequence_number}\nevent: {event.type}\ndata: {data}\n\n".encode()
 
 
@@ -152,7 +184,7 @@ def error_json(exc: AgentRuntimeError) -> dict[str, Any]:
 def json_response(body: Any, status: int = 200) -> Response:
     """A JSON response (lists stay bare arrays)."""
     return Response(
-        json.dumps(body, ensure_ascii=False, allow_nan=False),
+        dumps(body, compact=False, allow_nan=False),
         status,
         {"Content-Type": "application/json"},
     )
