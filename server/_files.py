@@ -58,6 +58,14 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
+class FileShrank(Exception):
+    """Raised by a download whose file got shorter while it was sent (a tool
+    truncated it): the bytes promised by Content-Length no longer exist, so the
+    response cannot be finished and the connection is closed; the client sees
+    an incomplete body. (Uploads replace files by renaming, so they never cause
+    this; the descriptor is pinned, so a swapped-in link never can.)"""
+
+
 class _FileChunks:
     """An async iterator over ``length`` bytes of ``fd`` from ``offset``, read in
     worker threads; it owns the descriptor and closes it when done or closed
@@ -78,9 +86,9 @@ class _FileChunks:
         fd = self._fd
         size = min(CHUNK, self._remaining)
         chunk = await trio.to_thread.run_sync(os.pread, fd, size, self._offset)
-        if not chunk:  # the file shrank meanwhile
+        if not chunk:
             await self.aclose()
-            raise StopAsyncIteration
+            raise FileShrank(f"the file ended {self._remaining} bytes short of Content-Length")
         self._offset += len(chunk)
         self._remaining -= len(chunk)
         return chunk
