@@ -212,7 +212,9 @@ class Turn:
           call before the cancel has landed); the turn then ends with a
           ``*.cancelled`` terminal event and is not billed.
           ``CancelOutcome.ALREADY_COMPLETE`` once it has ended, however it
-          ended, or once it is finalizing (it will complete and be billed).
+          ended, or once it is finalizing: it then completes and is billed,
+          or, if the ledger write fails, ends failed and unbilled; never
+          cancelled.
 
         Cancellation: the decision is taken synchronously before the call's
         only checkpoint, so cancelling the caller does not undo it.
