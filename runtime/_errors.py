@@ -109,6 +109,14 @@ class IdempotencyConflict(AgentRuntimeError):
     status_hint = 422
 
 
+class StorageFull(AgentRuntimeError):
+    """Raised when the workspace's disk is full (or a quota or file-size limit
+    is reached) while writing a file; nothing is left half-written (507)."""
+
+    error_type = "insufficient_storage"
+    status_hint = 507
+
+
 class Unauthorized(AgentRuntimeError):
     """Raised when an API key is missing or unknown."""
 

@@ -22,7 +22,6 @@ import fcntl
 import heapq
 import logging
 import math
-import shutil
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -44,7 +43,7 @@ from ._spawn import start_in
 from ._sqlite import SQLiteStore, database_path
 from ._store import DEFAULT_ACCOUNT, DEFAULT_PRICES, Pricing
 from ._turn import SESSION_DELETED, SHUTDOWN, Turn, lookup
-from ._workspace import Workspace
+from ._workspace import Workspace, remove_tree
 
 if TYPE_CHECKING:
     import os
@@ -339,10 +338,8 @@ class Runtime:
             removed = 0
             for entry in workspaces.iterdir():
                 if entry.name not in keep:
-                    if entry.is_dir() and not entry.is_symlink():
-                        shutil.rmtree(entry, ignore_errors=True)
-                    else:
-                        entry.unlink(missing_ok=True)
+                    with contextlib.suppress(OSError):
+                        remove_tree(str(entry))  # a link or a file: removed, never followed
                     removed += 1
             return removed
 

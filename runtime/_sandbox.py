@@ -220,7 +220,8 @@ def data_dir_token(data_dir: str | os.PathLike[str]) -> str:
 
 
 def choose_sandbox(requested: str, data_dir: str | os.PathLike[str]) -> Sandbox:
-    """Pick the sandbox for a runtime on ``data_dir`` (blocking: run in a thread).
+    """Pick the sandbox for a runtime on ``data_dir`` (blocking, once per
+    process: the bubblewrap probe).
 
     Args:
       requested: ``"auto"`` (bubblewrap if it works here, else none, loudly),
@@ -360,7 +361,9 @@ def sweep_orphans(token: str) -> int:
 
     Called at start-up, when this runtime holds the data directory's lock, so
     every process marked with ``token`` belongs to a runtime that is gone.
-    Returns how many were killed. Blocking: run in a thread.
+    Returns how many were killed. Blocking (one scan of ``/proc``, a few
+    milliseconds): ``Runtime.open`` calls it once, on the event loop, before
+    anything else runs (a thread would let an autojump clock skip ahead).
     """
     found = marked_processes(token + ".")
     # Whole groups: in a bwrap sandbox, killing the outer bwrap's group kills

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from typing import TYPE_CHECKING, Any, Final, final
 
@@ -35,6 +34,7 @@ from ._spawn import start_in
 from ._state import TurnState
 from ._tools import ToolBox
 from ._turn import SESSION_EXPIRED, SHUTDOWN, Turn
+from ._workspace import remove_tree
 
 if TYPE_CHECKING:
     from ._runtime import Runtime
@@ -272,9 +272,10 @@ class Session:
                 with trio.CancelScope(shield=True):
                     if self.persistent:
                         await self._forget_record()
-                    await trio.to_thread.run_sync(
-                        lambda: shutil.rmtree(self.workspace.root, ignore_errors=True)
-                    )
+                    try:
+                        await trio.to_thread.run_sync(remove_tree, self.workspace.root)
+                    except OSError:
+                        logger.exception("session %s: could not remove its workspace", self.id)
             self._runtime._forget_session(self)
             self._done.set()
 

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Final, final
 
 import attrs
 
-from ._errors import InvalidRequest, NotFound, PathOutsideWorkspace
+from ._errors import InvalidRequest, NotFound, PathOutsideWorkspace, StorageFull
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -115,8 +115,9 @@ def _display_name(name: str) -> str:
 def _refuse(path: str, exc: OSError) -> Exception:
     """The runtime error for an ``OSError`` met while resolving ``path``.
 
-    Only errors about the path itself are translated; others (``ENOSPC``,
-    ``EMFILE``, ``EIO``...) are the server's trouble and propagate as they are.
+    Errors about the path itself are translated, and a full disk (``ENOSPC``,
+    ``EDQUOT``, ``EFBIG``: 507); others (``EMFILE``, ``EIO``...) are the
+    server's trouble and propagate as they are.
     """
     quoted = _short(path)
     if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
@@ -133,6 +134,8 @@ def _refuse(path: str, exc: OSError) -> Exception:
         return PathOutsideWorkspace(f"{quoted}: permission denied")
     if exc.errno in (errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ):
         return InvalidRequest(f"{quoted} is not a valid file name here ({exc.strerror})")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return StorageFull(f"cannot write {quoted}: {exc.strerror}")
     return exc
 
 

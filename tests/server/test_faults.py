@@ -656,12 +656,6 @@ async def test_faults_upload_to_a_full_disk_keeps_serving(small_disk: Path) -> N
             assert (await s.client.get(f"/v1/sessions/{sid}/files/a.txt")).content == b"fits"
 
 
-@pytest.mark.xfail(
-    reason="ENOSPC from Workspace.write reaches the server as a bare OSError, which "
-    "answers 500 internal_error (runtime/_workspace.py, server/_app.py: not this "
-    "file's; see the report of issue 9 point 5)",
-    strict=True,
-)
 async def test_faults_upload_to_a_full_disk_is_507_and_leaves_nothing(small_disk: Path) -> None:
     """A full disk on upload is 507 insufficient_storage, and no partial file
     is left behind to keep the disk full."""
