@@ -55,6 +55,9 @@ SHUTDOWN: Final = "shutdown"
 LEDGER_TIMEOUT: Final = 30.0
 #: The error name of a turn that failed because the store did (DESIGN: store_error).
 STORE_ERROR: Final = "store_error"
+#: Prefix of a turn failed by an unexpected exception (a bug); its text is
+#: logged, never sent.
+INTERNAL_ERROR: Final = "internal_error"
 
 
 class TurnBody(Protocol):
@@ -257,7 +260,8 @@ class Turn:
             if isinstance(exc, AgentRuntimeError):
                 self._end_failed(f"{exc.error_type}: {exc}")
             else:
-                self._end_failed(f"{type(exc).__name__}: {exc}")
+                # A bug's text may name host paths or secrets: the log has it.
+                self._end_failed(f"{INTERNAL_ERROR} ({type(exc).__name__}); see the server log")
             return
         except BaseException:
             # Cancelled from outside our scope (the runtime is going away).
@@ -341,7 +345,10 @@ class Turn:
         if isinstance(exc, AgentRuntimeError):
             self._end_failed(f"{exc.error_type}: {exc}")
         else:
-            self._end_failed(f"the turn could not start: {type(exc).__name__}: {exc}")
+            self._end_failed(
+                f"{INTERNAL_ERROR}: the turn could not start ({type(exc).__name__}); "
+                "see the server log"
+            )
 
     def _end_cancelled(self, default: str = SHUTDOWN) -> None:
         assert self.state is TurnState.CANCELLED

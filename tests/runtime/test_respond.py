@@ -140,7 +140,7 @@ async def test_respond_failure(rt: Runtime, model: FakeModel, store: MemoryStore
     terminal = (await collect(turn))[-1]
     assert isinstance(terminal, ResponseFailed)
     assert terminal.response.error is not None
-    assert "model exploded" in terminal.response.error
+    assert terminal.response.error == "internal_error (RuntimeError); see the server log"
     assert await store.usage_records("local") == []
 
 

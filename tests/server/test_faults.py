@@ -394,7 +394,7 @@ async def scenario(s: Server) -> None:
     sid = await create_session(s)
     messages = f"/v1/sessions/{sid}/messages"
     await run_turn(s, messages, {"message": "hello"}, fails_with=None)
-    await run_turn(s, messages, {"message": "fail"}, fails_with="model exploded")
+    await run_turn(s, messages, {"message": "fail"}, fails_with="internal_error (RuntimeError)")
     body = {"model": "fake", "input": "hello", "stream": True}
     await run_turn(s, "/v1/responses", body, fails_with=None)
     faults = len(s.store.failed)

@@ -834,10 +834,6 @@ class FullDisk:
         yield TextChunk("")  # pragma: no cover (makes this an async generator)
 
 
-@pytest.mark.xfail(
-    reason="runtime/_turn.py Turn._run ends a turn that raised any exception with "
-    "f'{type(exc).__name__}: {exc}', which reaches the client (event, history, response)"
-)
 async def test_a_failed_turn_names_no_host_path(tmp_path: Path) -> None:
     """A turn that fails on an unexpected exception says so without its text:
     an OSError's file name is a host path (the 500 handler hides it too)."""
