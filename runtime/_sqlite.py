@@ -75,11 +75,11 @@ from ._store import (
     KEY_RETENTION,
     PURGE_EVERY,
     TURN_RETENTION,
-    account_id_for,
     check_credits,
     finite,
     hash_key,
     interrupted,
+    new_account_id,
     refuse,
     tokens_free_at,
     window_report,
@@ -616,7 +616,7 @@ def ensure_account_for_key(conn: sqlite3.Connection, api_key: str, *, credits: f
     row = conn.execute("SELECT account_id FROM api_keys WHERE hash = ?", (digest,)).fetchone()
     if row is not None:
         return str(row[0])
-    account_id = account_id_for(digest)
+    account_id = new_account_id()
     create_account(conn, account_id, credits=credits)
     _insert_key(conn, api_key, account_id)
     return account_id
@@ -633,7 +633,7 @@ def create_key(
     ``credits``; returns (the key, shown once; its info)."""
     api_key = f"pk_local_{secrets.token_urlsafe(24)}"
     if account_id is None:
-        account_id = "acct_" + secrets.token_hex(12)
+        account_id = new_account_id()
         create_account(conn, account_id, credits=credits, mode=mode)
     else:
         _account(conn, account_id)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import secrets
 import time
 from typing import TYPE_CHECKING, Final, Protocol, final
 
@@ -388,9 +389,8 @@ class MemoryStore:
         digest = hash_key(api_key)
         account_id = self._key_hashes.get(digest)
         if account_id is None:
-            account_id = account_id_for(digest)
-            if account_id not in self._accounts:
-                self.create_account(account_id, credits=credits)
+            account_id = new_account_id()
+            self.create_account(account_id, credits=credits)
             self._key_hashes[digest] = account_id
         return account_id
 
@@ -543,6 +543,6 @@ class MemoryStore:
                 del self._keys[slot]
 
 
-def account_id_for(digest: bytes) -> str:
-    """The account id ``ensure_account_for_key`` gives a key's digest."""
-    return "acct_" + digest.hex()[:24]
+def new_account_id() -> str:
+    """A new account's id: random, so that it tells nothing about its key."""
+    return "acct_" + secrets.token_hex(12)

@@ -849,10 +849,6 @@ async def test_a_failed_turn_names_no_host_path(tmp_path: Path) -> None:
         assert str(tmp_path) not in answer.text
 
 
-@pytest.mark.xfail(
-    reason="runtime/_store.py account_id_for: the account of a key new to the store "
-    "(serve --api-key) is 'acct_' + the first 24 hex digits of the key's SHA-256"
-)
 async def test_an_account_id_is_not_its_keys_hash(tmp_path: Path) -> None:
     """The account id a client sees (``caller_id`` of /v1/usage, 'keys list')
     holds no part of its key's hash, which would let anyone who sees it test
