@@ -16,7 +16,8 @@ One data dir, ``iterations`` server processes in a row. Each iteration:
    sessions, ``run_shell``/``write_file`` tool turns that complete, long
    ``run_shell`` calls (``sleep 300`` in the foreground, one in the
    background and one that called ``setsid``) that are cancelled, deleted
-   with their ephemeral session or left running, essays cancelled
+   with their ephemeral session or left running (one of them from the
+   start of every iteration), essays cancelled
    mid-stream, streamed stateless ``POST /v1/responses`` (some cancelled),
    new persistent sessions and file uploads of known content;
 4. **kill**: after a random delay (seeded; 10 % of them under 50 ms, the
@@ -594,7 +595,7 @@ class _Load:
         long run_shell that is cancelled or left running."""
         while True:
             if rng.random() < 0.35:
-                await self.long_tool(account, sid, rng, delete=False)
+                await self.long_tool(account, sid, rng, rng.choice(("cancel", "hold", "hold")))
             else:
                 await self.short_tool(account, sid)
 
@@ -603,9 +604,10 @@ class _Load:
         message = f"run: echo {self.state.marker} {n}\nwrite out/{n}.txt: crash loop {n}"
         await self.turn(account, f"/v1/sessions/{sid}/messages", {"message": message}, "tool", sid)
 
-    async def long_tool(self, account: int, sid: str, rng: random.Random, *, delete: bool) -> None:
+    async def long_tool(self, account: int, sid: str, rng: random.Random, end: str) -> None:
+        """A long run_shell call, then ``end``: ``cancel`` the turn, ``delete``
+        the session, or ``hold`` it (running until the kill)."""
         mark, command = self.long_command()
-        end = rng.choice(("cancel", "hold", "delete" if delete else "hold"))
 
         async def on_event(turn: _Turn, event: str) -> None:
             if event != "tool_use.executing":
@@ -640,7 +642,14 @@ class _Load:
         while True:
             sid = await self.new_session(account, persistent=False)
             await self.short_tool(account, sid)
-            await self.long_tool(account, sid, rng, delete=True)
+            await self.long_tool(account, sid, rng, rng.choice(("cancel", "hold", "delete")))
+
+    async def held_tool(self, account: int, rng: random.Random) -> None:
+        """One long run_shell call from the start, running until the kill (so
+        nearly every crash has tool processes to leave behind)."""
+        await self.long_tool(
+            account, await self.new_session(account, persistent=False), rng, "hold"
+        )
 
     async def cancels(self, account: int, rng: random.Random) -> None:
         """Long essays on ephemeral sessions, cancelled after a few deltas."""
@@ -820,8 +829,9 @@ async def _crash(
             functools.partial(load.tools, account, tool_sid, random.Random(seeds[1])),
             functools.partial(load.stateless, account, random.Random(seeds[2])),
         ]
-    seeds = [rng.getrandbits(64) for _ in range(3)]
+    seeds = [rng.getrandbits(64) for _ in range(4)]
     workers += [
+        functools.partial(load.held_tool, 0, random.Random(seeds[3])),
         functools.partial(load.ephemeral_tools, 1, random.Random(seeds[0])),
         functools.partial(load.cancels, 0, random.Random(seeds[1])),
         functools.partial(load.sessions_and_files, random.Random(seeds[2])),
