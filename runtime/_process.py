@@ -11,11 +11,12 @@ that goes past them ends the call (the rest is never read).
 Whatever ends the call (the shell exits, the wall-time limit, the output cap,
 a cancel, an error), a shielded, bounded sweep SIGKILLs the whole group at
 once (no SIGTERM grace: a cancel must stop work in milliseconds) and waits
-until the kernel has finished every process of the call. In a bubblewrap
-sandbox the group holds the PID namespace's init, and the namespace dies with
-it; without one, the sweep also kills the processes that carry the call's
-environment marker (which catches ``setsid`` escapees) and reaps those this
-process adopted as subreaper. We do not use
+until the kernel has finished every process of the call: its group, and
+every process that carries the call's environment marker. In a bubblewrap
+sandbox the namespace dies with its init (the marker catches an init still
+setting up, which has left the group); without one, the marker catches
+``setsid`` escapees, and the sweep reaps those this process adopted as
+subreaper. We do not use
 ``trio.run_process(deliver_cancel=...)``: trio stops its kill routine once the
 group *leader* exits, which leaves grandchildren alive (STACK-NOTES 16).
 """
@@ -71,6 +72,76 @@ class ShellResult:
     timed_out: bool
 
 
+@attrs.define(eq=False)
+class _Child:
+    """A process forked from the event loop's own thread, awaited with a pidfd.
+
+    Not ``trio.lowlevel.open_process``: trio forks from a worker thread, and
+    ``PR_SET_PDEATHSIG`` (bwrap's ``--die-with-parent``) fires when the
+    *thread* that forked exits; trio's idle worker threads exit after 10 s,
+    which SIGKILLed every sandbox ten seconds into its call (measured). The
+    event loop's thread lives as long as the runtime. The fork blocks the loop
+    for about a millisecond (``vfork``).
+    """
+
+    popen: subprocess.Popen[bytes]
+    pidfd: int
+    #: stdout and stderr, on one pipe.
+    stdout: trio.lowlevel.FdStream
+
+    @classmethod
+    def spawn(
+        cls, argv: list[str], *, cwd: str, env: dict[str, str], pass_fds: tuple[int, ...]
+    ) -> _Child:
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        try:
+            popen = subprocess.Popen(
+                argv,
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=write_fd,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                pass_fds=pass_fds,
+            )
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        try:
+            pidfd = os.pidfd_open(popen.pid)
+        except BaseException:
+            os.close(read_fd)
+            popen.kill()
+            popen.wait()
+            raise
+        return cls(popen, pidfd, trio.lowlevel.FdStream(read_fd))
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.returncode
+
+    async def wait(self) -> int:
+        """Wait for the process to exit and reap it; its status."""
+        if self.popen.returncode is None:
+            await trio.lowlevel.wait_readable(self.pidfd)
+            self.popen.wait()  # exited: reaps without blocking
+        else:
+            await trio.lowlevel.checkpoint()
+        return self.popen.returncode
+
+    def close(self) -> None:
+        """Release the pidfd (once the process has been reaped)."""
+        trio.lowlevel.notify_closing(self.pidfd)
+        os.close(self.pidfd)
+
+
 def _killpg(pgid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
@@ -96,25 +167,29 @@ def live_group_members(pgid: int, among: Iterable[int] | None = None) -> list[in
     return [info.pid for info in infos if info.pgid == pgid and not is_dead(info)]
 
 
-def _call_processes(pgid: int, sandbox: Sandbox, marker: str) -> list[int]:
-    """One scan: the processes of a call (its group; unsandboxed, also
-    whatever carries its marker), SIGKILLed on the way. Unsandboxed, the
-    group's zombies that are our (adopted) children are included, to be reaped."""
+def _call_processes(pgid: int, marker: str) -> list[int]:
+    """One scan: the processes of a call, SIGKILLed on the way.
+
+    Its group, and whatever carries its marker: unsandboxed, that catches
+    ``setsid`` escapees; in a sandbox, a bwrap child that was still setting up
+    the namespace when the call ended (it has already left the group, and
+    would wait forever for the outer bwrap we killed). The group's zombies
+    that are our adopted children are included, to be reaped.
+    """
     infos = all_processes()
+    me = os.getpid()
     found = {info.pid for info in infos if info.pgid == pgid and not is_dead(info)}
-    if sandbox.mode is SandboxMode.NONE:
-        found.update(info.pid for info in marked_processes(marker, infos, exact=True))
-        me = os.getpid()
-        found.update(
-            info.pid
-            for info in infos
-            if info.pgid == pgid and info.ppid == me and info.pid != pgid and is_dead(info)
-        )
+    found.update(info.pid for info in marked_processes(marker, infos, exact=True))
+    found.update(
+        info.pid
+        for info in infos
+        if info.pgid == pgid and info.ppid == me and info.pid != pgid and is_dead(info)
+    )
     kill_all(found)
     return sorted(found)
 
 
-async def _sweep(proc: trio.Process, sandbox: Sandbox, marker: str) -> None:
+async def _sweep(proc: _Child, marker: str) -> None:
     """Kill everything of the call, reap the leader, and wait until every
     process of it is dead (shield this)."""
     # Unconditionally: the leader may be gone while its children live on.
@@ -130,16 +205,15 @@ async def _sweep(proc: trio.Process, sandbox: Sandbox, marker: str) -> None:
         # dying with its init); then only they are watched, at 1 ms doubling
         # to 16 ms, so a hundred sweeps at once do not rescan the machine a
         # thousand times a second.
-        found = await trio.to_thread.run_sync(_call_processes, proc.pid, sandbox, marker)
+        found = await trio.to_thread.run_sync(_call_processes, proc.pid, marker)
         members = found
         delay = 0.001
         while members:
             await trio.sleep(delay)
             delay = min(delay * 2, 0.016)
             members = [pid for pid in members if not is_dead(proc_info(pid))]
-        if sandbox.mode is SandboxMode.NONE:
-            # Orphans re-parented to us (we are their subreaper) are ours to reap.
-            reap_orphans([pid for pid in found if pid != proc.pid])
+        # Orphans re-parented to us (when we are a subreaper) are ours to reap.
+        reap_orphans([pid for pid in found if pid != proc.pid])
 
 
 async def run_shell(
@@ -176,17 +250,8 @@ async def run_shell(
     env = dict(os.environ if env is None else env)
     env[MARKER] = marker
     with sandbox.spawn_args(command, workspace=cwd, limits=limits) as (argv, fds):
-        proc = await trio.lowlevel.open_process(
-            argv,
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            pass_fds=fds,
-        )
-    assert proc.stdout is not None
+        proc = _Child.spawn(argv, cwd=cwd, env=env, pass_fds=fds)
+    await trio.lowlevel.checkpoint()
     stdout = proc.stdout
     cap = limits.output_bytes
     kept = bytearray()
@@ -225,9 +290,10 @@ async def run_shell(
                 nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(5):
-            await _sweep(proc, sandbox, marker)
+            await _sweep(proc, marker)
         with trio.CancelScope(shield=True):
             await stdout.aclose()
+        proc.close()
     return ShellResult(
         pid=proc.pid,
         returncode=proc.returncode,

@@ -15,12 +15,16 @@ The system is visible read-only, the runtime's data directory (every other
 session's workspace, the database) is hidden under an empty tmpfs, there is
 no network but loopback of its own, and no capabilities. The first ``bwrap``
 process stays outside the namespaces and is the group leader we start; its
-child is the PID namespace's init, in the same process group. Killing that
-group kills the init, and the kernel then kills every process of the
-namespace (``setsid``, ``nohup`` and double forks included) before the init
-itself can be reaped: "the init is dead" means "the sandbox is empty". Both
-``bwrap`` processes carry ``PR_SET_PDEATHSIG`` (``--die-with-parent``), so a
-server that dies, even by SIGKILL, takes its sandboxes with it.
+child is the PID namespace's init, in a session of its own. Both carry
+``PR_SET_PDEATHSIG`` (``--die-with-parent``): killing the outer ``bwrap``
+kills the init, and the kernel then kills every process of the namespace
+(``setsid``, ``nohup`` and double forks included) before the init itself can
+be reaped: "the init is dead" means "the sandbox is empty". A server that
+dies, even by SIGKILL, takes its sandboxes with it. The sweep finds the init
+(and everything else of the call) by the call's environment marker, and waits
+for all of it to be dead. ``PR_SET_PDEATHSIG`` follows the *thread* that
+forked, so the fork happens on the event loop's thread (see
+:class:`runtime._process._Child`).
 
 With :data:`SandboxMode.NONE` (no ``bwrap``, or asked for), the shell runs in
 a new session and process group with the host's view of the file system. The

@@ -13,8 +13,10 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
-from typing import TYPE_CHECKING
+import threading
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
@@ -359,3 +361,24 @@ async def test_fallback_reaps_adopted_orphans(tmp_path: Path) -> None:
     assert result.output == b"done\n"
     left = [info for info in all_processes() if info.pgid == result.pid]
     assert left == []
+
+
+async def test_tools_are_forked_from_the_event_loops_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bwrap's --die-with-parent fires when the *thread* that forked it exits:
+    forked from one of trio's worker threads (idle ones exit after 10 s), every
+    sandbox was SIGKILLed ten seconds into its call. The fork must happen on
+    the event loop's thread, which lives as long as the runtime."""
+    threads: list[int] = []
+    real_popen = subprocess.Popen
+
+    def recording_popen(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        threads.append(threading.get_ident())
+        return real_popen(*args, **kwargs)
+
+    monkeypatch.setattr("runtime._process.subprocess.Popen", recording_popen)
+    with trio.fail_after(GUARD):
+        result = await run_shell("echo hi", cwd=str(tmp_path))
+    assert result.output == b"hi\n"
+    assert threads == [threading.get_ident()]
