@@ -94,7 +94,7 @@ def create_app(
       file_limit: largest file upload (``PUT …/files/…``), bytes.
       ping_interval: seconds between ``: ping`` comments on an idle stream.
     """
-    app = QuartTrio(__name__)
+    app = QuartTrio(__name__, static_folder=None)  # no /static route
     # Never merge '//' into a 308 redirect: 'files//etc/passwd' must be refused
     # (403), not redirected to 'files/etc/passwd'.
     app.url_map.merge_slashes = False

@@ -9,6 +9,7 @@ their terminal event), then stops hypercorn, then closes the runtime.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -38,7 +39,10 @@ def hypercorn_config(host: str, port: int) -> Config:
     config.backlog = BACKLOG
     config.graceful_timeout = GRACEFUL_TIMEOUT
     config.accesslog = None
-    config.errorlog = "-"
+    # The logger itself, not "-": hypercorn would give it a handler of its
+    # own; this way its lines go through the process's handlers (serve's
+    # redacting stderr handler) once.
+    config.errorlog = logging.getLogger("hypercorn.error")
     return config
 
 

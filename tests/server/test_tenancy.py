@@ -104,8 +104,6 @@ RESPONSE: Final = json.dumps({"input": "hello", "stream": True}).encode()
 
 #: Every endpoint of the app, by name. A test fails if the app has another.
 WAYS: Final[Mapping[str, Way]] = {
-    # Quart's default static route; server/ has no static folder (always 404).
-    "static": Way("public"),
     "health": Way("public"),
     "create_session": Way("account", body=b"{}"),
     "list_sessions": Way("account"),
