@@ -114,11 +114,13 @@ class EventBuffer:
             raise InvalidRequest(f"after must be >= -1, not {after!r}")
         return _Reader(self, start)
 
-    async def read_batch(self, after: int | None = None) -> tuple[Event, ...]:
-        """Every event after ``after`` that is appended already, waiting until
-        there is at least one, or until :meth:`nudge`. Returns ``()`` when
-        nudged, and once the buffer is closed and read to the end (check
-        :attr:`closed` to tell them apart).
+    async def read_batch(
+        self, after: int | None = None, *, limit: int | None = None
+    ) -> tuple[Event, ...]:
+        """Every event after ``after`` that is appended already (the first
+        ``limit`` of them), waiting until there is at least one, or until
+        :meth:`nudge`. Returns ``()`` when nudged, and once the buffer is
+        closed and read to the end (check :attr:`closed` to tell them apart).
 
         For writers that coalesce (one socket write for many events) and send
         keep-alives when nudged: this wait needs no timeout scope of its own.
@@ -134,7 +136,8 @@ class EventBuffer:
         while start >= len(self._events) and not self.closed and nudges == self._nudges:
             await self._lot.park()
         await trio.lowlevel.cancel_shielded_checkpoint()
-        return tuple(self._events[start:])
+        end = None if limit is None else start + limit
+        return tuple(self._events[start:end])
 
     def nudge(self) -> None:
         """Wake every :meth:`read_batch` waiter with what it has (maybe ``()``)."""

@@ -195,10 +195,13 @@ class Turn:
         """
         return self.buffer.events(after)
 
-    async def read_batch(self, after: int | None = None) -> tuple[Event, ...]:
-        """Every event after ``after`` available now, waiting for at least one;
-        ``()`` once the terminal event has been read. For coalescing writers."""
-        return await self.buffer.read_batch(after)
+    async def read_batch(
+        self, after: int | None = None, *, limit: int | None = None
+    ) -> tuple[Event, ...]:
+        """Every event after ``after`` available now (at most ``limit``),
+        waiting for at least one; ``()`` once the terminal event has been
+        read. For coalescing writers."""
+        return await self.buffer.read_batch(after, limit=limit)
 
     @property
     def status(self) -> str:

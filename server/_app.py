@@ -459,19 +459,18 @@ async def sse_body(
     """
     cursor = -1 if after is None else after
     while True:
-        batch = await turn.read_batch(cursor)
+        batch = await turn.read_batch(cursor, limit=MAX_EVENTS_PER_WRITE)
         if not batch:
             if turn.buffer.closed:
                 return
             yield b": ping\n\n"  # nudged by the pinger: keep the connection alive
             continue
-        for start in range(0, len(batch), MAX_EVENTS_PER_WRITE):
-            part = batch[start : start + MAX_EVENTS_PER_WRITE]
-            yield b"".join([sse_frame(event) for event in part])
+        yield b"".join([sse_frame(event) for event in batch])
         cursor = batch[-1].sequence_number
         if batch[-1].is_terminal:
             return
-        if flush is not None and not turn.buffer.sealed:
+        caught_up = len(batch) < MAX_EVENTS_PER_WRITE
+        if caught_up and flush is not None and not turn.buffer.sealed:
             # Under load, let events gather; never once a cancel was accepted
             # (the terminal event goes out at once; the routes that cancel
             # release the writers already waiting).

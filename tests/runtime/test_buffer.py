@@ -446,3 +446,18 @@ async def test_buffer_nudge_wakes_read_batch_with_nothing() -> None:
     buffer.nudge()
     assert await buffer.read_batch(1) == ()
     assert buffer.closed
+
+
+async def test_buffer_read_batch_limit() -> None:
+    """read_batch(limit=N) returns the first N events after the cursor, so a
+    writer far behind takes its backlog in bounded pieces."""
+    buf = EventBuffer(RID)
+    _created(buf)
+    for k in range(9):
+        _delta(buf, k)
+    seen = [e.sequence_number for e in await buf.read_batch(None, limit=4)]
+    assert seen == [0, 1, 2, 3]
+    seen = [e.sequence_number for e in await buf.read_batch(3, limit=4)]
+    assert seen == [4, 5, 6, 7]
+    seen = [e.sequence_number for e in await buf.read_batch(7, limit=4)]
+    assert seen == [8, 9]
