@@ -89,20 +89,27 @@ async def test_bench_cancel_url_against_a_server_and_compare(tmp_path: Path) -> 
 
 async def test_bench_cancel_refuses_bad_arguments(tmp_path: Path) -> None:
     """Bad arguments are exit 2 with a message, before anything runs."""
-    for args in (
-        ("cancel",),  # no target
-        ("cancel", "--url", "http://127.0.0.1:1"),  # no key
-        ("cancel", "--embedded", "--cancel-at", "soon"),
-        ("cancel", "--embedded", "--concurrency", "0"),
-        ("cancel", "--url", "http://127.0.0.1:1", "--api-key", "k", "--scenario", "upstream"),
-    ):
-        done = await bench(*args)
-        assert done.returncode == 2, (args, done.stdout, done.stderr)
-        assert done.stderr or done.stdout
     broken = tmp_path / "broken.json"
     broken.write_text('{"schema": "something else"}')
-    done = await bench("compare", str(broken), str(broken))
-    assert done.returncode == 2
+    runs: dict[tuple[str, ...], subprocess.CompletedProcess[bytes]] = {}
+
+    async def run(args: tuple[str, ...]) -> None:
+        runs[args] = await bench(*args)
+
+    async with trio.open_nursery() as nursery:  # each is an interpreter start: at once
+        bad: list[tuple[str, ...]] = [
+            ("cancel",),  # no target
+            ("cancel", "--url", "http://127.0.0.1:1"),  # no key
+            ("cancel", "--embedded", "--cancel-at", "soon"),
+            ("cancel", "--embedded", "--concurrency", "0"),
+            ("cancel", "--url", "http://127.0.0.1:1", "--api-key", "k", "--scenario", "upstream"),
+            ("compare", str(broken), str(broken)),
+        ]
+        for args in bad:
+            nursery.start_soon(run, args)
+    for args, done in runs.items():
+        assert done.returncode == 2, (args, done.stdout, done.stderr)
+        assert done.stderr or done.stdout
 
 
 async def test_bench_cancel_late_cancel_outlives_keep_alive(tmp_path: Path) -> None:
