@@ -48,6 +48,7 @@ import attrs
 import trio
 
 from runtime import DEFAULT_ACCOUNT, CancelOutcome, DemoModel, Runtime
+from runtime._sandbox import all_processes, is_dead, proc_info
 
 from ._samples import SCENARIOS, LevelResult, TurnSample
 from ._upstream import find_request, open_upstream_runtime, upstream_metrics
@@ -452,17 +453,6 @@ def _describe(exc: BaseException) -> str:
 # -- the tool's process group -------------------------------------------------------
 
 
-def _stat(pid: int) -> tuple[bytes, int] | None:
-    """``(state, pgrp)`` of a process from /proc, or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    return fields[0], int(fields[2])
-
-
 def _children(pid: int) -> list[int] | None:
     """The children of ``pid`` (None where the kernel has no
     ``/proc/PID/task/TID/children``, or the process is gone)."""
@@ -486,8 +476,8 @@ def _group_members(pgid: int) -> list[int]:
     members, todo = [], [pgid]
     while todo:
         pid = todo.pop()
-        stat = _stat(pid)
-        if stat is None or stat[1] != pgid:
+        info = proc_info(pid)
+        if info is None or info.pgid != pgid:
             continue
         members.append(pid)
         todo.extend(_children(pid) or ())
@@ -495,17 +485,16 @@ def _group_members(pgid: int) -> list[int]:
 
 
 def _running(pid: int, pgid: int) -> bool:
-    stat = _stat(pid)
-    return stat is not None and stat[1] == pgid and stat[0] not in (b"Z", b"X")
+    info = proc_info(pid)
+    return info is not None and info.pgid == pgid and not is_dead(info)
 
 
 def _live_groups(pgids: set[int]) -> set[int]:
     """Which of ``pgids`` still have a running (not zombie) process (scans /proc)."""
     live = set()
-    for name in os.listdir("/proc"):
-        stat = _stat(int(name)) if name.isdigit() else None
-        if stat is not None and stat[1] in pgids and stat[0] not in (b"Z", b"X"):
-            live.add(stat[1])
+    for info in all_processes():
+        if info.pgid in pgids and not is_dead(info):
+            live.add(info.pgid)
     return live
 
 

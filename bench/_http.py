@@ -243,7 +243,7 @@ async def _drive(
         async with stdin:
             line = json.dumps(converter.unstructure(run.config)).encode() + b"\n"
             await stdin.send_all(line)
-            lines = _JsonLines(stdout)
+            lines = JsonLines(stdout)
             first = await lines.next()
             if first is None or "ready" not in first:
                 await process.wait()
@@ -282,7 +282,7 @@ def _failure(process: trio.Process, run: _WorkerRun, message: dict[str, Any] | N
 
 
 @attrs.define(eq=False)
-class _JsonLines:
+class JsonLines:
     """JSON lines of a stream: :meth:`next` gives the next object, None at EOF."""
 
     stream: trio.abc.ReceiveStream

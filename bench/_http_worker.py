@@ -61,6 +61,8 @@ import cattrs
 import trio
 from cattrs.v import format_exception
 
+from runtime._sandbox import is_dead, proc_info
+
 from ._rawhttp import (
     Body,
     Connection,
@@ -488,7 +490,7 @@ class _Turn:
         """Poll until the tool's process is gone (or a zombie); record when."""
         with self.step("process group gone"):
             while True:  # polling: a non-child's death sends us nothing
-                if _dead(pid):
+                if is_dead(proc_info(pid)):
                     break
                 await trio.sleep(GROUP_POLL)
             self.group_gone_ms = (time.perf_counter() - t_cancel) * 1e3
@@ -505,15 +507,6 @@ def _find_process(argv: bytes) -> int | None:
             except OSError:
                 continue
     return None
-
-
-def _dead(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return True
-    return stat[stat.rfind(b")") + 2 :].split()[0] in (b"Z", b"X")
 
 
 def _expect(head: Head, body: bytes, *statuses: int) -> None:

@@ -56,6 +56,7 @@ import trio
 
 from runtime import TextChunk, UsageChunk
 
+from ._http import JsonLines
 from ._load_worker import LoadWorkerConfig, now
 from ._rawhttp import Origin
 from ._samples import machine_info
@@ -255,7 +256,7 @@ async def open_workers(
         workers.processes.append(process)
         assert process.stdin is not None
         assert process.stdout is not None
-        lines = _Lines(process.stdout)
+        lines = JsonLines(process.stdout)
         try:
             await process.stdin.send_all(json.dumps(attrs.asdict(config)).encode() + b"\n")
             first = await lines.next()
@@ -303,24 +304,6 @@ async def open_workers(
                 assert process.stdin is not None
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     await process.stdin.aclose()
-
-
-@attrs.define(eq=False)
-class _Lines:
-    stream: trio.abc.ReceiveStream
-    _buf: bytearray = attrs.field(factory=bytearray, init=False)
-
-    async def next(self) -> dict[str, Any] | None:
-        while (end := self._buf.find(b"\n")) < 0:
-            chunk = await self.stream.receive_some()
-            if not chunk:
-                return None
-            self._buf += chunk
-        line = bytes(self._buf[:end])
-        del self._buf[: end + 1]
-        value = json.loads(line)
-        assert isinstance(value, dict)
-        return value
 
 
 def _split(total: int, per_worker: int, processes: int) -> list[int]:

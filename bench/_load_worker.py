@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 import trio
 
+from ._http_worker import TERMINALS
 from ._rawhttp import Body, Connection, FrameSplitter, Origin, event_type
 from ._stats import percentile
 
@@ -60,18 +61,6 @@ LAG_PROBE: Final = 0.01
 #: Distinct error messages kept (with counts).
 MAX_ERROR_KINDS: Final = 20
 COMPLETED: Final = frozenset({b"message.completed", b"response.completed"})
-TERMINALS: Final = frozenset(
-    {
-        b"message.completed",
-        b"message.cancelled",
-        b"message.error",
-        b"response.completed",
-        b"response.cancelled",
-        b"response.failed",
-        b"response.incomplete",
-        b"error",
-    }
-)
 DELTAS: Final = {
     True: (b"response.output_text.delta", b'"delta":"'),
     False: (b"text.delta", b'"content":"'),

@@ -1,6 +1,6 @@
 """Regenerate benchmarks/RESULTS.md: run every benchmark, then write the page.
 
-    python3 benchmarks/make_results.py            # run everything (about 10 minutes)
+    python3 benchmarks/make_results.py            # run everything (about 30 minutes)
     python3 benchmarks/make_results.py --render   # only rewrite RESULTS.md from results/
 
 Every cancel run is ``agent-runtime bench cancel ... --json results/NAME.json
@@ -89,6 +89,12 @@ STORE_RUNS: Final = (
         "benchmarks/store_finalize.py --configs runtime runtime_memory --levels 1 20",
     ),
 )
+#: Issue 9: load (idle streams, paced streaming turns) and the crash loop.
+LOAD_RUN: Final = ("load", "benchmarks/load.py")
+CRASH_RUNS: Final = (
+    ("crash_loop", "benchmarks/crash_loop.py --iterations 100 --seed 1"),
+    ("crash_loop_none", "benchmarks/crash_loop.py --iterations 100 --seed 1 --sandbox none"),
+)
 
 
 @contextlib.contextmanager
@@ -142,7 +148,7 @@ def run_all(only: set[str] | None) -> None:
             run([*CLI, *command.split(), *out])
     if not only or "sessions" in only:
         run([*CLI, *SESSIONS_RUN.split(), "--json", str(RESULTS / "sessions.json")])
-    for name, command in STORE_RUNS:
+    for name, command in (*STORE_RUNS, LOAD_RUN, *CRASH_RUNS):
         if not only or name in only:
             script, *rest = command.split()
             run([sys.executable, script, *rest, "--json", str(RESULTS / f"{name}.json")])
@@ -283,6 +289,132 @@ def store_section() -> list[str]:
     return lines
 
 
+def _p(summary: dict[str, Any] | None) -> str:
+    """``p50 / p99 / max`` of a summary in ms."""
+    if not summary or summary.get("p50") is None:
+        return "-"
+    return f"{summary['p50']:.1f} / {summary['p99']:.1f} / {summary['max']:.1f} ms"
+
+
+def load_section() -> list[str]:
+    name, command = LOAD_RUN
+    path = RESULTS / f"{name}.json"
+    lines = [
+        "## Load: idle streams and paced streaming turns",
+        "",
+        "```sh",
+        f"python3 {command} --json results/{name}.json",
+        "```",
+        "",
+        "Against its own `agent-runtime serve` (a model that stamps each word with the "
+        "server's CLOCK_MONOTONIC when it produces it); the load comes from client worker "
+        "processes on the same machine (raw HTTP/1.1 over loopback). Delivery lag = client "
+        "read time - production stamp. An idle stream is a streamed stateless response "
+        "whose model is waiting.",
+        "",
+    ]
+    if not path.exists():
+        return [*lines, "_not run_", ""]
+    doc = json.loads(path.read_text())
+    idle, stream = doc.get("idle"), doc.get("stream")
+    if idle:
+        lines += [
+            "| idle streams | held | errors | /health p50 / p99 / max | RSS before -> held "
+            "| per stream | fds | server CPU | clients |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            f"| {idle['streams']} | {idle['held']} | {idle['errors']} | {_p(idle['health_ms'])} "
+            f"| {idle['rss_before_mb']} -> {idle['rss_held_mb']} MB "
+            f"| {idle['rss_per_stream_kb']} KB | {idle['fds_held']} "
+            f"| {idle['server_cpu_percent_while_held']}% | {_clients(idle['client'])} |",
+            "",
+        ]
+    if stream:
+        lines += [
+            "| streams x words at rate | completed | errors | deltas | duration | events/s "
+            "| lag p50 / p99 / max | model late p99 | /health p99 | RSS peak | server CPU "
+            "| clients |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            f"| {stream['streams']} x {stream['words_per_stream']} at "
+            f"{stream['tokens_per_second']:g}/s | {stream['completed']} | {stream['errors']} "
+            f"| {stream['deltas']} / {stream['deltas_expected']} | {stream['seconds']} s "
+            f"| {stream['event_rate']} | {_p(stream['lag_ms'])} "
+            f"| {ms(stream['model_late_ms'].get('p99'))} "
+            f"| {ms(stream['health_ms'].get('p99'))} | {stream['rss_peak_mb']} MB "
+            f"| {stream['server_cpu_percent']}% | {_clients(stream['client'])} |",
+            "",
+        ]
+    for target in doc.get("targets", []):
+        mark = "met" if target.get("met") else "**missed**"
+        lines.append(f"- {target['name']}: {target.get('value')} — {mark}")
+    lines.append(f"- load average {doc.get('load_average_start')} -> {doc.get('load_average_end')}")
+    return [*lines, ""]
+
+
+def _clients(client: dict[str, Any]) -> str:
+    cpu = ", ".join(f"{c:.0f}%" for c in client.get("cpu_percent", []))
+    return f"{client.get('processes')} processes ({cpu} CPU)"
+
+
+def crash_section() -> list[str]:
+    lines = [
+        "## Crash loop: SIGKILL a busy server, restart on the same data dir",
+        "",
+        "Each iteration starts `serve`, checks the previous crash, runs a busy load on two "
+        "accounts (essays, run_shell/write_file turns, long run_shell calls with background "
+        "and `setsid` children, cancels, DELETEs, stateless streams, persistent sessions, "
+        "uploads), SIGKILLs it at a seeded random moment (0-1.5 s), then runs "
+        "`PRAGMA integrity_check` offline. After every restart: no turn in_progress; billed "
+        "set == completed set; every turn seen completed is billed, none seen cancelled is; "
+        "debits == usage per account; persistent sessions listed, histories complete, files "
+        "byte-identical; no tool process alive. A test hook sleeps up to 30 ms before each "
+        "ledger write so kills land inside finalizes. `tests/server/test_crash_loop.py` runs "
+        "the same driver at 6 (auto) + 4 (none) iterations.",
+        "",
+    ]
+    docs = []
+    for name, command in CRASH_RUNS:
+        lines += ["```sh", f"python3 {command} --json results/{name}.json", "```", ""]
+        path = RESULTS / f"{name}.json"
+        if path.exists():
+            docs.append(json.loads(path.read_text()))
+    if not docs:
+        return [*lines, "_not run_", ""]
+    head = " | ".join(f"`--sandbox {d['options']['sandbox']}`" for d in docs)
+    lines += [f"| | {head} |", "|---|" + "---:|" * len(docs)]
+
+    def row(label: str, cell: Any) -> None:
+        lines.append(f"| {label} | " + " | ".join(str(cell(d)) for d in docs) + " |")
+
+    row("iterations", lambda d: d["options"]["iterations"])
+    row(
+        "kills: before turns / mid-stream / mid tool call",
+        lambda d: "{before_turns} / {mid_stream} / {mid_tool_call}".format(**d["kill_points"]),
+    )
+    row(
+        "kills: mid-cancel / mid-finalize (uncommitted) / mid-upload",
+        lambda d: "{mid_cancel} / {mid_finalize} ({finalize_uncommitted}) / {mid_upload}".format(
+            **d["kill_points"]
+        ),
+    )
+    row(
+        "turns started / seen completed / seen cancelled / failed",
+        lambda d: "{started} / {completed} / {cancelled} / {failed}".format(**d["totals"]),
+    )
+    row(
+        "no terminal seen: interrupted / completed and billed",
+        lambda d: "{interrupted} / {completed_unseen}".format(**d["totals"]),
+    )
+    row("billed (usage rows)", lambda d: d["totals"]["billed"])
+    row("uploads acknowledged", lambda d: d["totals"]["uploads"])
+    row(
+        "tool processes alive right after a kill / after the restart",
+        lambda d: "{orphans_at_kill} / {survivors}".format(**d["totals"]),
+    )
+    row("**violations**", lambda d: f"**{d['totals']['violations']}**")
+    row("total time", lambda d: f"{d['seconds']:.0f} s")
+    return [*lines, ""]
+
+
 def runtime_rows(doc: dict[str, Any]) -> list[str]:
     """What a durable finalize adds to a whole turn: the SQLite store against
     the memory store, through ``Runtime`` (FINALIZING -> terminal event)."""
@@ -329,6 +461,8 @@ def render() -> None:
         lines += cancel_section(*run_)
     lines += sessions_section()
     lines += store_section()
+    lines += load_section()
+    lines += crash_section()
     analysis = HERE / "ANALYSIS.md"
     if analysis.exists():
         lines += ["---", "", analysis.read_text().rstrip(), ""]
