@@ -11,11 +11,12 @@ that goes past them ends the call (the rest is never read).
 Whatever ends the call (the shell exits, the wall-time limit, the output cap,
 a cancel, an error), a shielded, bounded sweep SIGKILLs the whole group at
 once (no SIGTERM grace: a cancel must stop work in milliseconds) and waits
-until the kernel has finished every process of the call: its group, and
-every process that carries the call's environment marker. In a bubblewrap
-sandbox the namespace dies with its init (the marker catches an init still
-setting up, which has left the group); without one, the marker catches
-``setsid`` escapees, and the sweep reaps those this process adopted as
+until the kernel has finished every process of the call. In a bubblewrap
+sandbox that is the namespace's init (the outer bwrap's child, in a session
+of its own, found before the outer dies): the namespace dies with it, no scan
+of the machine needed. Without one, one scan of ``/proc`` finds the group and
+every process that carries the call's environment marker (that catches
+``setsid`` escapees), and the sweep reaps those this process adopted as
 subreaper. We do not use
 ``trio.run_process(deliver_cancel=...)``: trio stops its kill routine once the
 group *leader* exits, which leaves grandchildren alive (STACK-NOTES 16).
@@ -88,10 +89,19 @@ class _Child:
     pidfd: int
     #: stdout and stderr, on one pipe.
     stdout: trio.lowlevel.FdStream
+    #: Under bwrap: the PID namespace's init, in a session of its own.
+    sandboxed: bool = False
+    inits: set[int] = attrs.field(factory=set)
 
     @classmethod
     def spawn(
-        cls, argv: list[str], *, cwd: str, env: dict[str, str], pass_fds: tuple[int, ...]
+        cls,
+        argv: list[str],
+        *,
+        cwd: str,
+        env: dict[str, str],
+        pass_fds: tuple[int, ...],
+        sandboxed: bool,
     ) -> _Child:
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         try:
@@ -117,11 +127,21 @@ class _Child:
             popen.kill()
             popen.wait()
             raise
-        return cls(popen, pidfd, trio.lowlevel.FdStream(read_fd))
+        return cls(popen, pidfd, trio.lowlevel.FdStream(read_fd), sandboxed)
 
     @property
     def pid(self) -> int:
         return self.popen.pid
+
+    def kill(self) -> None:
+        """SIGKILL the call's group, and in a sandbox the namespace's init,
+        found first (it is the outer bwrap's child: once the outer is dead it
+        is re-parented and no longer found that way). The kernel then kills
+        the rest of the namespace."""
+        if self.sandboxed and self.popen.returncode is None:
+            self.inits.update(_children(self.pid))
+        _killpg(self.pid, signal.SIGKILL)
+        kill_all(self.inits)
 
     @property
     def returncode(self) -> int | None:
@@ -140,6 +160,15 @@ class _Child:
         """Release the pidfd (once the process has been reaped)."""
         trio.lowlevel.notify_closing(self.pidfd)
         os.close(self.pidfd)
+
+
+def _children(pid: int) -> list[int]:
+    """The child pids of ``pid`` (one small /proc read)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", "rb") as f:
+            return [int(child) for child in f.read().split()]
+    except OSError:
+        return []
 
 
 def _killpg(pgid: int, sig: int) -> None:
@@ -168,13 +197,11 @@ def live_group_members(pgid: int, among: Iterable[int] | None = None) -> list[in
 
 
 def _call_processes(pgid: int, marker: str) -> list[int]:
-    """One scan: the processes of a call, SIGKILLed on the way.
+    """One scan, for an unsandboxed call: its processes, SIGKILLed on the way.
 
-    Its group, and whatever carries its marker: unsandboxed, that catches
-    ``setsid`` escapees; in a sandbox, a bwrap child that was still setting up
-    the namespace when the call ended (it has already left the group, and
-    would wait forever for the outer bwrap we killed). The group's zombies
-    that are our adopted children are included, to be reaped.
+    Its group, and whatever carries its marker (that catches ``setsid``
+    escapees). The group's zombies that are our adopted children are
+    included, to be reaped.
     """
     infos = all_processes()
     me = os.getpid()
@@ -193,7 +220,7 @@ async def _sweep(proc: _Child, marker: str) -> None:
     """Kill everything of the call, reap the leader, and wait until every
     process of it is dead (shield this)."""
     # Unconditionally: the leader may be gone while its children live on.
-    _killpg(proc.pid, signal.SIGKILL)
+    proc.kill()
     await proc.wait()
     # SIGKILL is delivered asynchronously: a process on another CPU may still
     # be running for a moment. Wait until the kernel has finished them, so
@@ -205,7 +232,11 @@ async def _sweep(proc: _Child, marker: str) -> None:
         # dying with its init); then only they are watched, at 1 ms doubling
         # to 16 ms, so a hundred sweeps at once do not rescan the machine a
         # thousand times a second.
-        found = await trio.to_thread.run_sync(_call_processes, proc.pid, marker)
+        if proc.sandboxed:
+            # The namespace dies with its init: no scan of the machine needed.
+            found = sorted(proc.inits)
+        else:
+            found = await trio.to_thread.run_sync(_call_processes, proc.pid, marker)
         members = found
         delay = 0.001
         while members:
@@ -250,7 +281,13 @@ async def run_shell(
     env = dict(os.environ if env is None else env)
     env[MARKER] = marker
     with sandbox.spawn_args(command, workspace=cwd, limits=limits) as (argv, fds):
-        proc = _Child.spawn(argv, cwd=cwd, env=env, pass_fds=fds)
+        proc = _Child.spawn(
+            argv,
+            cwd=cwd,
+            env=env,
+            pass_fds=fds,
+            sandboxed=sandbox.mode is SandboxMode.BWRAP,
+        )
     await trio.lowlevel.checkpoint()
     stdout = proc.stdout
     cap = limits.output_bytes
@@ -267,7 +304,7 @@ async def run_shell(
             if len(chunk) > room:
                 # Past the cap: stop reading and stop the call.
                 truncated = True
-                _killpg(proc.pid, signal.SIGKILL)
+                proc.kill()
                 break
         drained.set()
 
@@ -281,7 +318,7 @@ async def run_shell(
                 # The shell is done; whatever it left in the background must
                 # not outlive the call (it would also hold the pipe open). In
                 # a sandbox the namespace is already gone with its init.
-                _killpg(proc.pid, signal.SIGKILL)
+                proc.kill()
                 # Unsandboxed, a process that escaped the group (setsid) may
                 # still hold the pipe: read what is in flight, then stop
                 # waiting for EOF (the sweep kills it by its marker).

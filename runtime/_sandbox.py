@@ -20,9 +20,9 @@ child is the PID namespace's init, in a session of its own. Both carry
 kills the init, and the kernel then kills every process of the namespace
 (``setsid``, ``nohup`` and double forks included) before the init itself can
 be reaped: "the init is dead" means "the sandbox is empty". A server that
-dies, even by SIGKILL, takes its sandboxes with it. The sweep finds the init
-(and everything else of the call) by the call's environment marker, and waits
-for all of it to be dead. ``PR_SET_PDEATHSIG`` follows the *thread* that
+dies, even by SIGKILL, takes its sandboxes with it. The sweep reads the
+init's pid from the outer's children before killing, kills both, and waits
+for the init to be dead. ``PR_SET_PDEATHSIG`` follows the *thread* that
 forked, so the fork happens on the event loop's thread (see
 :class:`runtime._process._Child`).
 
