@@ -346,7 +346,11 @@ def load_section() -> list[str]:
     for target in doc.get("targets", []):
         mark = "met" if target.get("met") else "**missed**"
         lines.append(f"- {target['name']}: {target.get('value')} — {mark}")
-    lines.append(f"- load average {doc.get('load_average_start')} -> {doc.get('load_average_end')}")
+    start, end = (
+        " ".join(f"{x:.2f}" for x in doc.get(key) or ())
+        for key in ("load_average_start", "load_average_end")
+    )
+    lines.append(f"- load average (1, 5, 15 min) {start} -> {end}")
     return [*lines, ""]
 
 
