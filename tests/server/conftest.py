@@ -44,6 +44,16 @@ class Harness:
     account: str
     other_account: str
 
+    async def new_session(self) -> str:
+        """Create a session with ``KEY``; its id."""
+        response = await self.client.post("/v1/sessions")
+        assert response.status_code == 201
+        sid: str = response.json()["id"]
+        return sid
+
+    def workspace_of(self, sid: str) -> Path:
+        return self.rt.data_dir / "workspaces" / sid
+
     def client_for(self, key: str | None) -> httpx.AsyncClient:
         """A new client with ``key`` (None: no Authorization header). Close it."""
         headers = {} if key is None else {"Authorization": f"Bearer {key}"}

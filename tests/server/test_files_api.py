@@ -18,17 +18,6 @@ from .conftest import KEY, OTHER_KEY, Harness, open_harness
 TEN: bytes = b"0123456789"
 
 
-async def new_session(harness: Harness) -> str:
-    response = await harness.client.post("/v1/sessions")
-    assert response.status_code == 201
-    sid: str = response.json()["id"]
-    return sid
-
-
-def workspace_of(harness: Harness, sid: str) -> Path:
-    return harness.rt.data_dir / "workspaces" / sid
-
-
 class Chunks:
     """A request body sent in pieces; not an async generator, so a server that
     answers (413) before it is consumed leaves no unfinished generator behind."""
@@ -80,7 +69,7 @@ def assert_refused(status: int, content: bytes, secret: bytes | None = None) -> 
 async def test_files_put_creates_parents_and_get_returns_bytes(harness: Harness) -> None:
     """PUT a nested path -> 201 {path, size, modified}, parents created; GET gives the bytes."""
     with trio.fail_after(10):
-        sid = await new_session(harness)
+        sid = await harness.new_session()
         put = await harness.client.put(f"/v1/sessions/{sid}/files/a/b.txt", content=b"hello")
         assert put.status_code == 201
         body = put.json()
@@ -88,7 +77,7 @@ async def test_files_put_creates_parents_and_get_returns_bytes(harness: Harness)
         assert body["path"] == "a/b.txt"
         assert body["size"] == 5
         assert isinstance(body["modified"], float)
-        assert (workspace_of(harness, sid) / "a" / "b.txt").read_bytes() == b"hello"
+        assert (harness.workspace_of(sid) / "a" / "b.txt").read_bytes() == b"hello"
 
         get = await harness.client.get(f"/v1/sessions/{sid}/files/a/b.txt")
     assert get.status_code == 200
@@ -99,7 +88,7 @@ async def test_files_put_creates_parents_and_get_returns_bytes(harness: Harness)
 async def test_files_put_replaces_existing_file(harness: Harness) -> None:
     """A second PUT to the same path replaces (truncates) the file."""
     with trio.fail_after(10):
-        sid = await new_session(harness)
+        sid = await harness.new_session()
         await harness.client.put(f"/v1/sessions/{sid}/files/f.txt", content=b"a long first body")
         put = await harness.client.put(f"/v1/sessions/{sid}/files/f.txt", content=b"short")
         get = await harness.client.get(f"/v1/sessions/{sid}/files/f.txt")
@@ -111,7 +100,7 @@ async def test_files_put_replaces_existing_file(harness: Harness) -> None:
 async def test_files_list_is_one_level(harness: Harness) -> None:
     """GET /files lists one level as {name, type, size, modified}; ?path=a lists inside a."""
     with trio.fail_after(10):
-        sid = await new_session(harness)
+        sid = await harness.new_session()
         await harness.client.put(f"/v1/sessions/{sid}/files/a/b.txt", content=b"hello")
         await harness.client.put(f"/v1/sessions/{sid}/files/a/c/d.txt", content=b"deep")
         await harness.client.put(f"/v1/sessions/{sid}/files/top.txt", content=TEN)
@@ -136,7 +125,7 @@ async def test_files_list_is_one_level(harness: Harness) -> None:
 async def test_files_list_empty_workspace_is_empty_array(harness: Harness) -> None:
     """A new session's workspace lists as a bare empty array."""
     with trio.fail_after(10):
-        sid = await new_session(harness)
+        sid = await harness.new_session()
         response = await harness.client.get(f"/v1/sessions/{sid}/files")
     assert response.status_code == 200
     assert response.json() == []
@@ -145,7 +134,7 @@ async def test_files_list_empty_workspace_is_empty_array(harness: Harness) -> No
 async def test_files_get_directory_returns_listing(harness: Harness) -> None:
     """GET of a directory path returns the same listing as ?path=."""
     with trio.fail_after(10):
-        sid = await new_session(harness)
+        sid = await harness.new_session()
         await harness.client.put(f"/v1/sessions/{sid}/files/a/b.txt", content=b"hello")
         direct = await harness.client.get(f"/v1/sessions/{sid}/files/a")
         listed = await harness.client.get(f"/v1/sessions/{sid}/files", params={"path": "a"})
@@ -158,7 +147,7 @@ async def test_files_get_directory_returns_listing(harness: Harness) -> None:
 async def test_files_list_missing_directory_is_404(harness: Harness) -> None:
     """?path= naming nothing is a 404 JSON error."""
     with trio.fail_after(10):
-        sid = await new_session(harness)
+        sid = await harness.new_session()
         response = await harness.client.get(f"/v1/sessions/{sid}/files", params={"path": "nope"})
     assert response.status_code == 404
     assert response.json()["error"] == "not_found"
@@ -167,12 +156,12 @@ async def test_files_list_missing_directory_is_404(harness: Harness) -> None:
 async def test_files_delete_then_404(harness: Harness) -> None:
     """DELETE a file -> 204 with no body; then GET and DELETE -> 404."""
     with trio.fail_after(10):
-        sid = await new_session(harness)
+        sid = await harness.new_session()
         await harness.client.put(f"/v1/sessions/{sid}/files/a/b.txt", content=b"hello")
         deleted = await harness.client.delete(f"/v1/sessions/{sid}/files/a/b.txt")
         assert deleted.status_code == 204
         assert deleted.content == b""
-        assert not (workspace_of(harness, sid) / "a" / "b.txt").exists()
+        assert not (harness.workspace_of(sid) / "a" / "b.txt").exists()
         get = await harness.client.get(f"/v1/sessions/{sid}/files/a/b.txt")
         again = await harness.client.delete(f"/v1/sessions/{sid}/files/a/b.txt")
     assert get.status_code == 404
@@ -185,7 +174,7 @@ async def test_files_binary_roundtrip(harness: Harness) -> None:
     """Every byte value survives PUT then GET unchanged."""
     data = bytes(range(256)) * 4
     with trio.fail_after(10):
-        sid = await new_session(harness)
+        sid = await harness.new_session()
         put = await harness.client.put(f"/v1/sessions/{sid}/files/blob.bin", content=data)
         get = await harness.client.get(f"/v1/sessions/{sid}/files/blob.bin")
     assert put.json()["size"] == len(data)
@@ -195,7 +184,7 @@ async def test_files_binary_roundtrip(harness: Harness) -> None:
 async def test_files_put_or_delete_on_directory_is_400(harness: Harness) -> None:
     """PUT onto a directory or DELETE of a non-empty one -> 400 JSON, the tree intact."""
     with trio.fail_after(10):
-        sid = await new_session(harness)
+        sid = await harness.new_session()
         await harness.client.put(f"/v1/sessions/{sid}/files/a/b.txt", content=b"x")
         put = await harness.client.put(f"/v1/sessions/{sid}/files/a", content=b"y")
         delete = await harness.client.delete(f"/v1/sessions/{sid}/files/a")
@@ -205,14 +194,14 @@ async def test_files_put_or_delete_on_directory_is_400(harness: Harness) -> None
         assert response.status_code == 400, response.text
         assert response.json()["error"] == "invalid_request"
     assert empty_dir.status_code == 204
-    assert os.listdir(workspace_of(harness, sid)) == []
+    assert os.listdir(harness.workspace_of(sid)) == []
 
 
 async def test_files_fifo_is_refused_without_blocking(harness: Harness) -> None:
     """A FIFO in the workspace (as run_shell could make) is refused at once, never opened."""
     with trio.fail_after(10):
-        sid = await new_session(harness)
-        os.mkfifo(workspace_of(harness, sid) / "pipe")
+        sid = await harness.new_session()
+        os.mkfifo(harness.workspace_of(sid) / "pipe")
         get = await harness.client.get(f"/v1/sessions/{sid}/files/pipe")
         put = await harness.client.put(f"/v1/sessions/{sid}/files/pipe", content=b"x")
     for response in (get, put):
@@ -223,7 +212,7 @@ async def test_files_fifo_is_refused_without_blocking(harness: Harness) -> None:
 async def test_files_sandbox_prefix_maps_to_workspace(harness: Harness) -> None:
     """``?path=/opt/sandbox/workspace/a`` (the path the agent is told) lists the workspace's a."""
     with trio.fail_after(10):
-        sid = await new_session(harness)
+        sid = await harness.new_session()
         await harness.client.put(f"/v1/sessions/{sid}/files/a/b.txt", content=b"x")
         response = await harness.client.get(
             f"/v1/sessions/{sid}/files", params={"path": "/opt/sandbox/workspace/a"}
@@ -254,7 +243,7 @@ async def test_files_range_partial_content(
 ) -> None:
     """A satisfiable single Range -> 206 with Content-Range and exactly those bytes."""
     with trio.fail_after(10):
-        sid = await new_session(harness)
+        sid = await harness.new_session()
         await harness.client.put(f"/v1/sessions/{sid}/files/ten.txt", content=TEN)
         response = await harness.client.get(
             f"/v1/sessions/{sid}/files/ten.txt", headers={"Range": header}
@@ -270,7 +259,7 @@ async def test_files_range_partial_content(
 async def test_files_range_unsatisfiable_is_416(harness: Harness, header: str) -> None:
     """A Range naming no byte of a 10-byte file -> 416 with Content-Range: bytes */10."""
     with trio.fail_after(10):
-        sid = await new_session(harness)
+        sid = await harness.new_session()
         await harness.client.put(f"/v1/sessions/{sid}/files/ten.txt", content=TEN)
         response = await harness.client.get(
             f"/v1/sessions/{sid}/files/ten.txt", headers={"Range": header}
@@ -284,7 +273,7 @@ async def test_files_range_unsatisfiable_is_416(harness: Harness, header: str) -
 async def test_files_suffix_range_on_empty_file(harness: Harness) -> None:
     """``bytes=-5`` on an empty file -> 416 ``bytes */0`` (or 200), never a bogus 206."""
     with trio.fail_after(10):
-        sid = await new_session(harness)
+        sid = await harness.new_session()
         await harness.client.put(f"/v1/sessions/{sid}/files/empty", content=b"")
         response = await harness.client.get(
             f"/v1/sessions/{sid}/files/empty", headers={"Range": "bytes=-5"}
@@ -300,7 +289,7 @@ async def test_files_suffix_range_on_empty_file(harness: Harness) -> None:
 async def test_files_raw_dotdot_reaches_server_and_is_refused(harness: Harness) -> None:
     """A literal ``..`` segment sent on the wire reaches the route and gets 403 (not followed)."""
     with trio.fail_after(10):
-        sid = await new_session(harness)
+        sid = await harness.new_session()
         (harness.rt.data_dir / "workspaces" / "x").write_bytes(b"OUTSIDE")
         for target in (f"/v1/sessions/{sid}/files/../x", f"/v1/sessions/{sid}/files/a/../../x"):
             response = await raw_request(harness, "GET", target)
@@ -329,7 +318,7 @@ async def test_files_raw_dotdot_reaches_server_and_is_refused(harness: Harness) 
 async def test_files_encoded_traversal_is_refused(harness: Harness, suffix: str) -> None:
     """Percent-encoded ``..``/``/`` and NUL reach the route decoded and are refused with 403."""
     with trio.fail_after(10):
-        sid = await new_session(harness)
+        sid = await harness.new_session()
         secret = b"OUTSIDE-SECRET"
         (harness.rt.data_dir / "workspaces" / "x").write_bytes(secret)
         target = f"/v1/sessions/{sid}/files/{suffix}"
@@ -358,7 +347,7 @@ async def test_files_absolute_path_never_leaves_workspace(harness: Harness, suff
     """``files//etc/passwd`` and the like: whatever the answer, nothing outside is read or
     written, and any redirect points back into this session's files."""
     with trio.fail_after(10):
-        sid = await new_session(harness)
+        sid = await harness.new_session()
         prefix = f"{harness.base_url}/v1/sessions/{sid}/files/"
         for method in ("GET", "PUT", "DELETE"):
             target = f"/v1/sessions/{sid}/files/{suffix}"
@@ -377,7 +366,7 @@ async def test_files_absolute_path_never_leaves_workspace(harness: Harness, suff
 async def test_files_absolute_path_is_refused_with_json(harness: Harness, suffix: str) -> None:
     """An absolute path after ``files/`` is refused (403/404 JSON), not redirected."""
     with trio.fail_after(10):
-        sid = await new_session(harness)
+        sid = await harness.new_session()
         responses = [
             await raw_request(harness, method, f"/v1/sessions/{sid}/files/{suffix}", body=b"x")
             for method in ("GET", "PUT", "DELETE")
@@ -393,7 +382,7 @@ async def test_files_double_encoded_dotdot_is_a_plain_name(harness: Harness) -> 
     outside = harness.rt.data_dir / "workspaces" / "x"
     outside.write_bytes(secret)
     with trio.fail_after(10):
-        sid = await new_session(harness)
+        sid = await harness.new_session()
         for suffix in ("%252e%252e/x", "%252e%252e%252fx"):
             get = await raw_request(harness, "GET", f"/v1/sessions/{sid}/files/{suffix}")
             assert get.status == 404, (suffix, get.content)
@@ -406,8 +395,8 @@ async def test_files_double_encoded_dotdot_is_a_plain_name(harness: Harness) -> 
     assert put.status == 201
     assert flat.status == 201
     assert [e["name"] for e in listing.json()] == ["%2e%2e", "%2e%2e%2fx"]
-    assert (workspace_of(harness, sid) / "%2e%2e" / "x").read_bytes() == b"a"
-    assert (workspace_of(harness, sid) / "%2e%2e%2fx").read_bytes() == b"b"
+    assert (harness.workspace_of(sid) / "%2e%2e" / "x").read_bytes() == b"a"
+    assert (harness.workspace_of(sid) / "%2e%2e%2fx").read_bytes() == b"b"
     assert outside.read_bytes() == secret
 
 
@@ -415,7 +404,7 @@ async def test_files_double_encoded_dotdot_is_a_plain_name(harness: Harness) -> 
 async def test_files_list_hostile_query_path_is_refused(harness: Harness, query: str) -> None:
     """?path= with ``..``, an absolute path or a NUL -> 403, never a listing of outside."""
     with trio.fail_after(10):
-        sid = await new_session(harness)
+        sid = await harness.new_session()
         response = await harness.client.get(f"/v1/sessions/{sid}/files", params={"path": query})
     assert response.status_code == 403, response.text
     assert response.json()["error"] == "path_outside_workspace"
@@ -424,7 +413,7 @@ async def test_files_list_hostile_query_path_is_refused(harness: Harness, query:
 async def test_files_sibling_workspace_prefix_is_refused(harness: Harness) -> None:
     """``../<ws>-evil/secret`` (a sibling sharing the name prefix) -> 403/404, never its bytes."""
     with trio.fail_after(10):
-        sid = await new_session(harness)
+        sid = await harness.new_session()
         evil = harness.rt.data_dir / "workspaces" / f"{sid}-evil"
         evil.mkdir()
         (evil / "secret").write_bytes(b"SIBLING-SECRET")
@@ -446,9 +435,9 @@ async def test_files_sibling_workspace_prefix_is_refused(harness: Harness) -> No
 async def test_files_symlink_to_etc_is_not_followed(harness: Harness) -> None:
     """A symlink in the workspace to /etc (as run_shell could make) -> GET/list through it 403."""
     with trio.fail_after(10):
-        sid = await new_session(harness)
-        os.symlink("/etc", workspace_of(harness, sid) / "etc")
-        os.symlink("/etc/passwd", workspace_of(harness, sid) / "pw")
+        sid = await harness.new_session()
+        os.symlink("/etc", harness.workspace_of(sid) / "etc")
+        os.symlink("/etc/passwd", harness.workspace_of(sid) / "pw")
         through = await harness.client.get(f"/v1/sessions/{sid}/files/etc/passwd")
         link_itself = await harness.client.get(f"/v1/sessions/{sid}/files/etc")
         file_link = await harness.client.get(f"/v1/sessions/{sid}/files/pw")
@@ -470,8 +459,8 @@ async def test_files_put_through_symlink_writes_nothing_outside(
     outside.mkdir()
     (outside / "existing").write_bytes(b"KEEP")
     with trio.fail_after(10):
-        sid = await new_session(harness)
-        ws = workspace_of(harness, sid)
+        sid = await harness.new_session()
+        ws = harness.workspace_of(sid)
         os.symlink(outside, ws / "out")
         os.symlink(outside / "existing", ws / "file-link")
         os.symlink("/etc", ws / "etc")
@@ -499,7 +488,7 @@ async def test_files_put_over_limit_is_413(tmp_path: Path) -> None:
     """A PUT over ``file_limit`` -> 413 JSON and no file created."""
     with trio.fail_after(10):
         async with open_harness(tmp_path, FakeModel(), file_limit=1000) as harness:
-            sid = await new_session(harness)
+            sid = await harness.new_session()
             too_big = await harness.client.put(
                 f"/v1/sessions/{sid}/files/big.bin", content=b"x" * 2000
             )
@@ -517,7 +506,7 @@ async def test_files_chunked_put_over_limit_is_413(tmp_path: Path) -> None:
     """A chunked PUT (no Content-Length) that grows over ``file_limit`` -> 413, no file."""
     with trio.fail_after(10):
         async with open_harness(tmp_path, FakeModel(), file_limit=1000) as harness:
-            sid = await new_session(harness)
+            sid = await harness.new_session()
             response = await raw_request(
                 harness, "PUT", f"/v1/sessions/{sid}/files/big.bin", body=Chunks(b"y" * 500, 4)
             )
@@ -560,7 +549,7 @@ async def test_files_put_is_allowed_beyond_json_limit(tmp_path: Path) -> None:
     """Uploads use ``file_limit``, not ``json_limit``."""
     with trio.fail_after(10):
         async with open_harness(tmp_path, FakeModel(), json_limit=100) as harness:
-            sid = await new_session(harness)
+            sid = await harness.new_session()
             response = await harness.client.put(
                 f"/v1/sessions/{sid}/files/f.bin", content=b"z" * 5000
             )
@@ -574,7 +563,7 @@ async def test_files_put_is_allowed_beyond_json_limit(tmp_path: Path) -> None:
 async def test_files_of_other_account_are_404(harness: Harness) -> None:
     """Another account's session files are 404 for list, GET, PUT and DELETE (never 403)."""
     with trio.fail_after(10):
-        sid = await new_session(harness)
+        sid = await harness.new_session()
         await harness.client.put(f"/v1/sessions/{sid}/files/mine.txt", content=b"MINE")
         async with harness.client_for(OTHER_KEY) as other:
             responses = [
@@ -588,14 +577,14 @@ async def test_files_of_other_account_are_404(harness: Harness) -> None:
         assert response.status_code == 404, (response.request.method, response.text)
         assert response.json()["error"] == "not_found"
         assert b"MINE" not in response.content
-    assert sorted(os.listdir(workspace_of(harness, sid))) == ["mine.txt"]
-    assert (workspace_of(harness, sid) / "mine.txt").read_bytes() == b"MINE"
+    assert sorted(os.listdir(harness.workspace_of(sid))) == ["mine.txt"]
+    assert (harness.workspace_of(sid) / "mine.txt").read_bytes() == b"MINE"
 
 
 async def test_files_of_unknown_session_are_404(harness: Harness) -> None:
     """Files routes of a session that does not exist (or was deleted) are 404."""
     with trio.fail_after(10):
-        sid = await new_session(harness)
+        sid = await harness.new_session()
         assert (await harness.client.delete(f"/v1/sessions/{sid}")).status_code == 204
         responses = []
         for session in ("sess_" + "0" * 32, sid):
@@ -608,19 +597,19 @@ async def test_files_of_unknown_session_are_404(harness: Harness) -> None:
     for response in responses:
         assert response.status_code == 404, (response.request.url, response.text)
         assert response.json()["error"] == "not_found"
-    assert not workspace_of(harness, sid).exists()
+    assert not harness.workspace_of(sid).exists()
 
 
 async def test_files_need_a_key(harness: Harness) -> None:
     """Files routes without a key are 401, and the upload is not written."""
     with trio.fail_after(10):
-        sid = await new_session(harness)
+        sid = await harness.new_session()
         async with harness.client_for(None) as anonymous:
             put = await anonymous.put(f"/v1/sessions/{sid}/files/a.txt", content=b"x")
             listing = await anonymous.get(f"/v1/sessions/{sid}/files")
     assert put.status_code == 401
     assert listing.status_code == 401
-    assert os.listdir(workspace_of(harness, sid)) == []
+    assert os.listdir(harness.workspace_of(sid)) == []
 
 
 async def test_files_unauthenticated_upload_refused_before_its_body(harness: Harness) -> None:

@@ -47,17 +47,6 @@ SECRET = b"OUTSIDE-SECRET-5d1e"
 BIG = 4 * 1024 * 1024  # 16 chunks: far more than the ~200 KB hypercorn buffers ahead
 
 
-async def new_session(harness: Harness) -> str:
-    response = await harness.client.post("/v1/sessions")
-    assert response.status_code == 201
-    sid: str = response.json()["id"]
-    return sid
-
-
-def workspace_of(harness: Harness, sid: str) -> Path:
-    return harness.rt.data_dir / "workspaces" / sid
-
-
 @asynccontextmanager
 async def open_raw(harness: Harness) -> AsyncIterator[Callable[..., Awaitable[httpcore.Response]]]:
     """A function sending a request target byte for byte (httpx would remove
@@ -183,9 +172,9 @@ async def test_files_hostile_paths_on_every_route(harness: Harness, tmp_path: Pa
     JSON error (400 when too long), literal names are created inside the
     workspace only; no 500, no byte of the secrets, nothing outside changed."""
     with trio.fail_after(30):
-        sid = await new_session(harness)
+        sid = await harness.new_session()
         sibling = plant_secrets(harness, sid, tmp_path)
-        ws = workspace_of(harness, sid)
+        ws = harness.workspace_of(sid)
         (ws / "file.txt").write_bytes(b"inside")
         before = outside_state(harness, sid, tmp_path)
         files = f"/v1/sessions/{sid}/files"
@@ -226,7 +215,7 @@ async def test_files_hostile_paths_on_every_route(harness: Harness, tmp_path: Pa
 async def test_files_long_url_is_refused_without_500(harness: Harness) -> None:
     """A 20,000-character path reaches the route and is a 400 JSON error."""
     with trio.fail_after(10):
-        sid = await new_session(harness)
+        sid = await harness.new_session()
         files = f"/v1/sessions/{sid}/files"
         async with open_raw(harness) as raw:
             for method, target in [
@@ -263,9 +252,9 @@ async def test_file_tools_refuse_hostile_paths(harness: Harness, tmp_path: Path)
     every result is an error the model sees, none holds a secret, nothing
     outside changes; literal odd names land inside the workspace."""
     with trio.fail_after(30):
-        sid = await new_session(harness)
+        sid = await harness.new_session()
         sibling = plant_secrets(harness, sid, tmp_path)
-        ws = workspace_of(harness, sid)
+        ws = harness.workspace_of(sid)
         (ws / "file.txt").write_bytes(b"inside")
         before = outside_state(harness, sid, tmp_path)
         sib = f"{sid}-evil"
@@ -318,7 +307,7 @@ async def test_files_links_made_by_run_shell_are_refused(harness: Harness, tmp_p
     and an outside directory: GET/PUT/DELETE/list through them over HTTP and the
     model's file tools are refused; nothing outside is read, written or removed."""
     with trio.fail_after(30):
-        sid = await new_session(harness)
+        sid = await harness.new_session()
         sibling = plant_secrets(harness, sid, tmp_path)
         outside = tmp_path / "outside"
         before = outside_state(harness, sid, tmp_path)
@@ -332,7 +321,7 @@ async def test_files_links_made_by_run_shell_are_refused(harness: Harness, tmp_p
         )
         made = await run_turn(harness, sid, tool_call("sh", "run_shell", command=command))
         assert not made["sh"]["is_error"], made["sh"]
-        ws = workspace_of(harness, sid)
+        ws = harness.workspace_of(sid)
         assert os.readlink(ws / "etc_link") == "/etc"
 
         files = f"/v1/sessions/{sid}/files"
@@ -399,7 +388,7 @@ async def test_files_listing_of_names_that_are_not_utf8(harness: Harness) -> Non
     """A name that is not UTF-8, made by run_shell, lists (HTTP and list_files)
     with U+FFFD instead of a 500 or a broken SSE stream."""
     with trio.fail_after(30):
-        sid = await new_session(harness)
+        sid = await harness.new_session()
         command = "printf x > \"$(printf 'bad\\377name')\" && ls"
         results = await run_turn(harness, sid, tool_call("sh", "run_shell", command=command))
         assert not results["sh"]["is_error"], results["sh"]
@@ -417,8 +406,8 @@ async def test_files_special_files_refused_promptly(harness: Harness) -> None:
     """A FIFO (no writer), a unix socket and a device node in the workspace: GET,
     Range GET, PUT and ?path= are 4xx at once (a FIFO's open would block);
     they list as "other"; DELETE removes them (they are inside)."""
-    sid = await new_session(harness)
-    ws = workspace_of(harness, sid)
+    sid = await harness.new_session()
+    ws = harness.workspace_of(sid)
     os.mkfifo(ws / "fifo")
     listener = socket.socket(socket.AF_UNIX)
     dir_fd = os.open(ws, os.O_RDONLY | os.O_DIRECTORY)
@@ -482,11 +471,11 @@ async def test_files_download_keeps_its_file_when_a_link_is_swapped_in(
     the original bytes (its descriptor is pinned); new requests are refused. An
     upload to the same path meanwhile does not change what the download sends."""
     with trio.fail_after(30):
-        sid = await new_session(harness)
+        sid = await harness.new_session()
         plant_secrets(harness, sid, tmp_path)
         outside = tmp_path / "outside"
         (outside / "big.bin").write_bytes(SECRET * (BIG // len(SECRET)))
-        ws = workspace_of(harness, sid)
+        ws = harness.workspace_of(sid)
         (ws / "d").mkdir()
         original = os.urandom(BIG)
         (ws / "d" / "big.bin").write_bytes(original)
@@ -544,8 +533,8 @@ async def test_files_download_of_file_truncated_meanwhile_is_cut_short(
     Content-Length is reached (the client knows the body is incomplete, nothing
     is padded), what came is a prefix of the file, and the server keeps serving."""
     with trio.fail_after(30):
-        sid = await new_session(harness)
-        ws = workspace_of(harness, sid)
+        sid = await harness.new_session()
+        ws = harness.workspace_of(sid)
         original = os.urandom(BIG)
         (ws / "big.bin").write_bytes(original)
         url = f"/v1/sessions/{sid}/files/big.bin"
@@ -579,9 +568,9 @@ async def test_files_link_swapped_in_between_components_is_refused(
     open), ``b`` becomes a link to the sibling; likewise for the file of a
     download after its type was checked: 403, nothing written or read outside."""
     with trio.fail_after(10):
-        sid = await new_session(harness)
+        sid = await harness.new_session()
         sibling = plant_secrets(harness, sid, tmp_path)
-        ws = workspace_of(harness, sid)
+        ws = harness.workspace_of(sid)
         (ws / "a" / "b").mkdir(parents=True)
         (ws / "file.txt").write_bytes(b"inside")
         before = outside_state(harness, sid, tmp_path)
@@ -630,11 +619,11 @@ async def test_files_racing_link_swaps_never_leak(harness: Harness, tmp_path: Pa
     ``d/f`` run: each answer is 200/201 with inside bytes or a 403, never a 500
     or a byte of the outside file, and the outside file is never written."""
     with trio.fail_after(30):
-        sid = await new_session(harness)
+        sid = await harness.new_session()
         plant_secrets(harness, sid, tmp_path)
         outside = tmp_path / "outside"
         (outside / "f").write_bytes(SECRET)
-        ws = workspace_of(harness, sid)
+        ws = harness.workspace_of(sid)
         (ws / "d").mkdir()
         inside = b"INSIDE-" * 100
         (ws / "d" / "f").write_bytes(inside)
