@@ -89,9 +89,9 @@ class _Child:
     pidfd: int
     #: stdout and stderr, on one pipe.
     stdout: trio.lowlevel.FdStream
-    #: Under bwrap: the PID namespace's init, in a session of its own.
+    #: Under bwrap: pidfds of the PID namespace's init (a session of its own).
     sandboxed: bool = False
-    inits: set[int] = attrs.field(factory=set)
+    inits: dict[int, int] = attrs.field(factory=dict)
 
     @classmethod
     def spawn(
@@ -139,9 +139,22 @@ class _Child:
         is re-parented and no longer found that way). The kernel then kills
         the rest of the namespace."""
         if self.sandboxed and self.popen.returncode is None:
-            self.inits.update(_children(self.pid))
+            for child in _children(self.pid):
+                # A pidfd, so that a later signal cannot reach a recycled pid.
+                if child not in self.inits:
+                    with contextlib.suppress(ProcessLookupError):
+                        self.inits[child] = os.pidfd_open(child)
         _killpg(self.pid, signal.SIGKILL)
-        kill_all(self.inits)
+        for pidfd in self.inits.values():
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+
+    async def wait_inits(self) -> None:
+        """Wait until the namespace's init has exited (a pidfd turns readable
+        when its process exits, child of ours or not): then the kernel has
+        already killed everything else in the namespace."""
+        for pidfd in self.inits.values():
+            await trio.lowlevel.wait_readable(pidfd)
 
     @property
     def returncode(self) -> int | None:
@@ -157,9 +170,11 @@ class _Child:
         return self.popen.returncode
 
     def close(self) -> None:
-        """Release the pidfd (once the process has been reaped)."""
-        trio.lowlevel.notify_closing(self.pidfd)
-        os.close(self.pidfd)
+        """Release the pidfds (once the process has been reaped)."""
+        for pidfd in (self.pidfd, *self.inits.values()):
+            trio.lowlevel.notify_closing(pidfd)
+            os.close(pidfd)
+        self.inits.clear()
 
 
 def _children(pid: int) -> list[int]:
@@ -226,24 +241,25 @@ async def _sweep(proc: _Child, marker: str) -> None:
     # be running for a moment. Wait until the kernel has finished them, so
     # "the call ended" implies "its processes are gone".
     with trio.move_on_after(SWEEP_TIMEOUT):
-        # Polling is the only way: a non-child's death sends us nothing. One
-        # scan of /proc finds them (none can be added: the group has SIGKILL
-        # pending, forks in flight included, and a sandbox's namespace is
-        # dying with its init); then only they are watched, at 1 ms doubling
-        # to 16 ms, so a hundred sweeps at once do not rescan the machine a
-        # thousand times a second.
         if proc.sandboxed:
             # The namespace dies with its init: no scan of the machine needed.
-            found = sorted(proc.inits)
-        else:
-            found = await trio.to_thread.run_sync(_call_processes, proc.pid, marker)
+            await proc.wait_inits()
+            reap_orphans(list(proc.inits))  # ours when we are a subreaper
+            return
+        # Unsandboxed, polling is the only way: a non-child's death sends us
+        # nothing. One scan of /proc finds them (none can be added: the group
+        # has SIGKILL pending, forks in flight included, and escapees with
+        # the marker are killed by the scan); then only they are watched, at
+        # 1 ms doubling to 16 ms, so a hundred sweeps at once do not rescan
+        # the machine a thousand times a second.
+        found = await trio.to_thread.run_sync(_call_processes, proc.pid, marker)
         members = found
         delay = 0.001
         while members:
             await trio.sleep(delay)
             delay = min(delay * 2, 0.016)
             members = [pid for pid in members if not is_dead(proc_info(pid))]
-        # Orphans re-parented to us (when we are a subreaper) are ours to reap.
+        # Orphans re-parented to us (we are their subreaper) are ours to reap.
         reap_orphans([pid for pid in found if pid != proc.pid])
 
 

@@ -8,6 +8,7 @@ Real clock, real threads and processes (the SQLite worker, ``run_shell``, an
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -227,14 +228,26 @@ def test_tags() -> None:
     assert request_tag({"json": None}) is None
 
 
+def live_children() -> list[tuple[psutil.Process, list[str]]]:
+    """Our live descendants and their command lines (not zombies: when this
+    process is a subreaper, an earlier test's orphans may be ours)."""
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if child.status() != psutil.STATUS_ZOMBIE:
+                found.append((child, child.cmdline()))
+    return found
+
+
 async def test_serve_with_fake_upstream(tmp_path: Path) -> None:
     """A real server subprocess on the fake: a streamed stateless turn
     cancelled over HTTP is seen closed by the fake, with clocks that agree
     across processes; on exit nothing of the server is left."""
     with trio.fail_after(TIMEOUT):
         async with serve_with_fake_upstream(200.0, data_dir=tmp_path / "data") as (url, key, up):
-            children = psutil.Process().children(recursive=True)
-            assert any("serve" in c.cmdline() for c in children)
+            live = live_children()
+            assert any("serve" in cmdline for _, cmdline in live)
+            children = [child for child, _ in live]
             async with httpx.AsyncClient(
                 base_url=url, headers={"Authorization": f"Bearer {key}"}
             ) as client:
