@@ -69,6 +69,8 @@ MAX_EVENTS_PER_WRITE: Final = 256
 #: is written as soon as it exists.
 FLUSH_INTERVAL: Final = 0.1
 FLUSH_LAG: Final = 0.01
+#: Retry-After (seconds) of a 503: the turn was not admitted, a retry is safe.
+RETRY_AFTER_UNAVAILABLE: Final = 1
 #: Most usage records one ``GET /v1/usage?limit=N`` returns.
 MAX_USAGE_RECORDS: Final = 10_000
 _DURATION_RE: Final = re.compile(r"(\d+(?:\.\d+)?)([smh])")
@@ -144,6 +146,9 @@ def create_app(
             response.headers["WWW-Authenticate"] = "Bearer"
         if isinstance(exc, RateLimited):
             response.headers["Retry-After"] = str(math.ceil(exc.retry_after))
+        elif exc.status_hint == 503:
+            # Not admitted (store failing, server draining): safe to retry.
+            response.headers["Retry-After"] = str(RETRY_AFTER_UNAVAILABLE)
         return response
 
     @app.errorhandler(HTTPException)

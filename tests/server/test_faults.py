@@ -277,6 +277,7 @@ class Answer:
     rid: str | None = None
     events: list[SSE] = attrs.field(factory=list)
     body: Any = None
+    retry_after: str | None = None
 
     @property
     def terminal(self) -> SSE:
@@ -298,7 +299,7 @@ async def post_stream(client: httpx.AsyncClient, url: str, body: Any, key: str) 
         raw = (await r.aread()).decode()
     if r.status_code != 200:
         assert r.headers["Content-Type"].startswith("application/json")
-        return Answer(r.status_code, body=json.loads(raw))
+        return Answer(r.status_code, body=json.loads(raw), retry_after=r.headers.get("Retry-After"))
     events = parse_sse(raw)
     assert [e.id for e in events] == list(range(len(events)))
     terminals = [e for e in events if e.event.split(".")[-1] in ("completed", "error", "failed")]
@@ -332,6 +333,7 @@ async def run_turn(s: Server, url: str, body: dict[str, Any], *, fails_with: str
         answer = await post_stream(s.client, url, body, key)
         if answer.status == 503:
             assert answer.body["error"] == STORE_ERROR, answer.body
+            assert answer.retry_after == "1"  # not admitted: safe to retry
             assert s.store.failed[faults:] == ["begin_turn"]
             continue
         assert answer.status == 200, answer
@@ -555,6 +557,7 @@ async def test_faults_full_database_over_http(tmp_path: Path) -> None:
             assert await get_turn(s, url, answer.rid, False) == ("failed", error)
             refused = await post_stream(s.client, url, {"message": "y" * 600_000}, new_key())
             assert refused.status == 503
+            assert refused.retry_after == "1"
             assert refused.body["error"] == STORE_ERROR
             assert "full" in refused.body["message"]
             assert (await s.client.get("/health")).status_code == 200
