@@ -404,23 +404,30 @@ def _client(workers: _Workers) -> dict[str, Any]:
 # -- the phases ---------------------------------------------------------------------
 
 
+def _configs(
+    server: Server, options: LoadOptions, mode: str, total: int, per_worker: int, words: int
+) -> list[LoadWorkerConfig]:
+    """One worker config per client process, ``total`` streams split among them."""
+    return [
+        LoadWorkerConfig(
+            url=server.url,
+            api_key=server.api_key,
+            mode=mode,
+            streams=share,
+            words=words,
+            stateless=options.stateless,
+        )
+        for share in _split(total, per_worker, options.processes)
+    ]
+
+
 async def idle_phase(options: LoadOptions, log: Callable[[str], None]) -> dict[str, Any]:
     n = options.idle_streams
     async with run_server(1.0 / IDLE_SECONDS_PER_WORD) as server:
         health_before: list[float] = []
         await probe_health(server.url, server.api_key, 0.3, health_before)  # warm-up
         rss_before, fds_before = server.rss(), server.fds()
-        configs = [
-            LoadWorkerConfig(
-                url=server.url,
-                api_key=server.api_key,
-                mode="idle",
-                streams=share,
-                words=IDLE_WORDS,
-                stateless=options.stateless,
-            )
-            for share in _split(n, IDLE_PER_WORKER, options.processes)
-        ]
+        configs = _configs(server, options, "idle", n, IDLE_PER_WORKER, IDLE_WORDS)
         log(f"idle: opening {n} streams from {len(configs)} client processes")
         started = time.perf_counter()
         async with open_workers(configs, "opened") as (workers, wait_replies):
@@ -462,17 +469,7 @@ async def stream_phase(options: LoadOptions, log: Callable[[str], None]) -> dict
     async with run_server(options.tokens_per_second) as server:
         await probe_health(server.url, server.api_key, 0.5, [])  # warm-up
         rss_before = server.rss()
-        configs = [
-            LoadWorkerConfig(
-                url=server.url,
-                api_key=server.api_key,
-                mode="stream",
-                streams=share,
-                words=words,
-                stateless=options.stateless,
-            )
-            for share in _split(n, STREAMS_PER_WORKER, options.processes)
-        ]
+        configs = _configs(server, options, "stream", n, STREAMS_PER_WORKER, words)
         log(
             f"stream: {n} streams x {words} words at {options.tokens_per_second:g}/s "
             f"from {len(configs)} client processes"
