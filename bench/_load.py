@@ -54,7 +54,7 @@ import attrs
 import psutil
 import trio
 
-from runtime import TextChunk, UsageChunk
+from runtime import TextChunk, UsageChunk, _pace as pace
 
 from ._http import JsonLines
 from ._load_worker import LoadWorkerConfig, now
@@ -115,7 +115,7 @@ class StampedModel:
         for k in range(1, count + 1):
             due = start + k * period
             if period:
-                await trio.sleep_until(due)
+                await pace.sleep_until(due)
             else:
                 await trio.lowlevel.checkpoint()
             late = (trio.current_time() - due) * 1e3

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Final, final
 import attrs
 import trio
 
+from . import _pace as pace
 from ._model import (
     ModelChunk,
     ModelRequest,
@@ -117,9 +118,12 @@ class DemoModel:
             count = min(count, request.max_output_tokens)
 
         delay = 1.0 / self.tokens_per_second if self.tokens_per_second else 0.0
+        start = trio.current_time()
         for i, word in enumerate(itertools.islice(words, count)):
             if delay:
-                await trio.sleep(delay)
+                # On a fixed schedule (a late wake does not slow the rate),
+                # sharing one trio timer per ms with every other stream.
+                await pace.sleep_until(start + (i + 1) * delay)
             else:
                 await trio.lowlevel.checkpoint()
             yield TextChunk(word if i == count - 1 else word + " ")
