@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from json.encoder import encode_basestring
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
@@ -17,7 +18,10 @@ from quart import Response
 from runtime import (
     AgentRuntimeError,
     Event,
+    ResponseFunctionCallArgumentsDelta,
+    ResponseOutputTextDelta,
     Session,
+    TextDelta,
     Turn,
     Usage,
 )
@@ -25,6 +29,8 @@ from runtime import (
 from ._openai_wire import response_event
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from runtime import TurnRecord
     from runtime._usage import UsageReport, UsageWindow
 
@@ -89,9 +95,61 @@ def sse_frame(event: Event) -> bytes:
     U+2028 and U+2029, and none of them occurs raw in it. The frame is encoded
     whole, so a write never ends inside a UTF-8 sequence (TCP still may: the
     clients' incremental decoders handle that).
+
+    Deltas, nearly every event of a stream, take a fast path that writes the
+    same bytes as :func:`_general_frame` (a test holds them equal) in a
+    fifth of the time: one C string escape instead of a dict and a
+    ``json.dumps``.
     """
+    fast = _FAST_FRAMES.get(type(event))
+    if fast is not None:
+        return fast(event)
+    return _general_frame(event)
+
+
+def _general_frame(event: Event) -> bytes:
     data = dumps(event_json(event))
     return f"id: {event.sequence_number}\nevent: {event.type}\ndata: {data}\n\n".encode()
+
+
+def _string(text: str) -> str:
+    """``text`` as a JSON string, escaped as :func:`dumps` escapes it."""
+    quoted: str = encode_basestring(text)
+    return quoted if quoted.isascii() else _ESCAPED.sub(_escape, quoted)
+
+
+def _head(event: Event) -> str:
+    n = event.sequence_number
+    return (
+        f'id: {n}\nevent: {event.type}\ndata: {{"type":"{event.type}",'
+        f'"sequence_number":{n},"response_id":{_string(event.response_id)},'
+    )
+
+
+def _text_delta(event: TextDelta) -> bytes:
+    return f'{_head(event)}"content":{_string(event.content)}}}\n\n'.encode()
+
+
+def _output_text_delta(event: ResponseOutputTextDelta) -> bytes:
+    return (
+        f'{_head(event)}"item_id":{_string(event.item_id)},"output_index":{event.output_index},'
+        f'"content_index":{event.content_index},"delta":{_string(event.delta)},'
+        f'"logprobs":[]}}\n\n'
+    ).encode()
+
+
+def _arguments_delta(event: ResponseFunctionCallArgumentsDelta) -> bytes:
+    return (
+        f'{_head(event)}"item_id":{_string(event.item_id)},"output_index":{event.output_index},'
+        f'"delta":{_string(event.delta)}}}\n\n'
+    ).encode()
+
+
+_FAST_FRAMES: Final[dict[type[Event], Callable[[Any], bytes]]] = {
+    TextDelta: _text_delta,
+    ResponseOutputTextDelta: _output_text_delta,
+    ResponseFunctionCallArgumentsDelta: _arguments_delta,
+}
 
 
 def session_json(session: Session) -> dict[str, Any]:

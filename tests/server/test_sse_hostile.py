@@ -30,9 +30,16 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from runtime import TextChunk, ToolCallDelta, ToolCallStart, UsageChunk
+from runtime import (
+    ResponseFunctionCallArgumentsDelta,
+    ResponseOutputTextDelta,
+    TextChunk,
+    ToolCallDelta,
+    ToolCallStart,
+    UsageChunk,
+)
 from runtime._events import TextDelta
-from server._codec import sse_frame
+from server._codec import _FAST_FRAMES, _general_frame, sse_frame
 
 from ..fakes import FakeModel
 from .conftest import KEY, Harness, open_harness
@@ -312,6 +319,36 @@ def test_sse_frame_data_line_holds_no_line_break() -> None:
     # Non-hostile text keeps its characters (no escaping beyond what is needed).
     plain = TextDelta(sequence_number=0, response_id="msg_x", content="héllo 😀 \u00a0")
     assert "héllo 😀 \u00a0".encode() in sse_frame(plain)
+
+
+_ANY_TEXT: Final = st.text(st.characters(exclude_categories=()), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=_ANY_TEXT, rid=_ANY_TEXT, item=_ANY_TEXT, n=st.integers(0, 2**40))
+def test_sse_frame_fast_path_writes_the_general_bytes(
+    text: str, rid: str, item: str, n: int
+) -> None:
+    """Deltas take a fast path in sse_frame; for any text (surrogates, line
+    separators, quotes, controls) and ids it writes the bytes the general
+    encoder (event -> dict -> dumps) writes."""
+    events: list[Event] = [
+        TextDelta(sequence_number=n, response_id=rid, content=text),
+        ResponseOutputTextDelta(
+            sequence_number=n,
+            response_id=rid,
+            item_id=item,
+            output_index=n % 7,
+            content_index=n % 3,
+            delta=text,
+        ),
+        ResponseFunctionCallArgumentsDelta(
+            sequence_number=n, response_id=rid, item_id=item, output_index=n % 5, delta=text
+        ),
+    ]
+    for event in events:
+        assert type(event) in _FAST_FRAMES
+        assert sse_frame(event) == _general_frame(event)
 
 
 # -- over the socket ------------------------------------------------------------------
