@@ -131,11 +131,26 @@ class EventBuffer:
         start = 0 if after is None else after + 1
         if start < 0:
             raise InvalidRequest(f"after must be >= -1, not {after!r}")
-        await trio.lowlevel.checkpoint_if_cancelled()
-        nudges = self._nudges
-        while start >= len(self._events) and not self.closed and nudges == self._nudges:
-            await self._lot.park()
-        await trio.lowlevel.cancel_shielded_checkpoint()
+        if start < len(self._events) or self.closed:
+            await trio.lowlevel.checkpoint()
+        else:
+            # Parking is the checkpoint: no second trip through the scheduler
+            # once woken (one per socket write, for every stream).
+            nudges = self._nudges
+            while start >= len(self._events) and not self.closed and nudges == self._nudges:
+                await self._lot.park()
+        return self.read_ready(after, limit=limit)
+
+    def read_ready(
+        self, after: int | None = None, *, limit: int | None = None
+    ) -> tuple[Event, ...]:
+        """What :meth:`read_batch` returns, without waiting or a checkpoint:
+        the events after ``after`` appended already (maybe none). For a writer
+        that has just passed a checkpoint of its own.
+        """
+        start = 0 if after is None else after + 1
+        if start < 0:
+            raise InvalidRequest(f"after must be >= -1, not {after!r}")
         end = None if limit is None else start + limit
         return tuple(self._events[start:end])
 

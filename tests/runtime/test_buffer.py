@@ -461,3 +461,24 @@ async def test_buffer_read_batch_limit() -> None:
     assert seen == [4, 5, 6, 7]
     seen = [e.sequence_number for e in await buf.read_batch(7, limit=4)]
     assert seen == [8, 9]
+
+
+async def test_buffer_read_ready_and_read_batch_checkpoints() -> None:
+    """read_ready returns what is appended already (maybe nothing) and never
+    waits; read_batch is a checkpoint whether data is ready or it parks."""
+    buf = EventBuffer(RID)
+    assert buf.read_ready(None) == ()
+    _created(buf)
+    _delta(buf, 0)
+    assert [e.sequence_number for e in buf.read_ready(None)] == [0, 1]
+    assert [e.sequence_number for e in buf.read_ready(0, limit=5)] == [1]
+    assert buf.read_ready(1) == ()
+    with pytest.raises(InvalidRequest):
+        buf.read_ready(-2)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await buf.read_batch(0)  # ready: still a cancel point
+    assert scope.cancelled_caught
+    with trio.move_on_after(0.01) as scope:
+        await buf.read_batch(1)  # nothing: parks until cancelled
+    assert scope.cancelled_caught
