@@ -4,16 +4,17 @@ timer per millisecond instead of one per sleeper.
 Why: ``trio.sleep_until`` opens a cancel scope with a deadline, and its
 expiry is delivered as a ``Cancelled`` exception raised into the sleeper and
 caught again by the scope: ~70 µs of the event loop per wake with 1,000
-sleepers here (``benchmarks/ANALYSIS.md``, load). A paced model sleeps once
-per token, so 1,000 streams at 20 tokens/s spent most of a core on timers.
+sleepers here. A paced model sleeps once per token, so at 300 streams x 20
+tokens/s the model's timers took a fifth of the server's core
+(``benchmarks/ANALYSIS.md``, load).
 
 How: sleepers whose deadlines fall in the same :data:`RESOLUTION` slot share
-one ``trio.Event``. The first one to arrive (the leader) sleeps until the end
-of the slot with ``trio.sleep_until``, then sets the event; the others only
-park on it, which is a plain reschedule. If the leader is cancelled it sets
-the event on its way out without marking the slot due, so the others wake
-early, see that, and elect a new leader among themselves: one sleeper's
-cancel never delays or cancels another's.
+one timer. The first one to arrive (the leader) sleeps until the end of the
+slot with ``trio.sleep_until``, then wakes the others, which only parked on
+the slot's ``ParkingLot``: a plain reschedule each. If the leader is
+cancelled, it wakes them on its way out without marking the slot due; they
+see that and elect a new leader among themselves: one sleeper's cancel never
+delays or cancels another's.
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ _ROUNDING: Final = 1e-6
 
 @final
 class _Slot:
-    __slots__ = ("due", "event")
+    __slots__ = ("due", "lot")
 
     def __init__(self) -> None:
-        self.event = trio.Event()
+        #: Where the other sleepers wait; made by the first of them (a slot
+        #: with one sleeper, e.g. a long idle wait, costs no parking lot).
+        self.lot: trio.lowlevel.ParkingLot | None = None
         #: Set by a leader that slept to the end: every sleeper here is due.
         self.due = False
 
@@ -69,7 +72,9 @@ async def sleep_until(deadline: float) -> None:
     while True:
         slot = slots.get(key)
         if slot is not None:
-            await slot.event.wait()
+            if slot.lot is None:
+                slot.lot = trio.lowlevel.ParkingLot()
+            await slot.lot.park()
             if slot.due:
                 return
             continue  # the leader was cancelled: elect another
@@ -79,8 +84,9 @@ async def sleep_until(deadline: float) -> None:
             slot.due = True
         finally:
             if slots.get(key) is slot:
-                del slots[key]
-            slot.event.set()
+                del slots[key]  # nobody joins it any more
+            if slot.lot is not None:
+                slot.lot.unpark_all()
         return
 
 
