@@ -1,6 +1,6 @@
 """Load benchmark (issue 9): idle streams and paced streaming turns on ``agent-runtime serve``.
 
-    python benchmarks/load.py                      # full counts (~3-4 minutes)
+    python benchmarks/load.py                      # full counts (~10 minutes here)
     python benchmarks/load.py --smoke              # reduced counts (~20 s)
     python benchmarks/load.py --json results/load.json
 
@@ -30,7 +30,13 @@ from bench._load import LoadOptions, run_load
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-SMOKE = {"idle_streams": 300, "streams": 100, "duration": 5.0, "health_seconds": 2.0}
+SMOKE = {
+    "idle_streams": 300,
+    "streams": 100,
+    "duration": 5.0,
+    "health_seconds": 2.0,
+    "capacity": [],
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,9 +63,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--processes", type=int, default=0, help="client processes per phase (0: automatic)"
     )
     parser.add_argument(
+        "--capacity",
+        type=int,
+        nargs="*",
+        default=[300, 500],
+        metavar="N",
+        help="after the main phases, stream at these counts too, to show where the lag "
+        "target holds (default 300 500; none: skip)",
+    )
+    parser.add_argument(
+        "--capacity-duration",
+        type=float,
+        default=30.0,
+        help="seconds each capacity phase's turns last (30)",
+    )
+    parser.add_argument(
         "--smoke",
         action="store_true",
-        help="reduced counts: 300 idle streams, 100 streams for 5 s, 2 s of /health",
+        help="reduced counts: 300 idle streams, 100 streams for 5 s, 2 s of /health, "
+        "no capacity phases",
     )
     parser.add_argument("--json", metavar="OUT", help="write the result document here")
     args = parser.parse_args(argv)
@@ -78,6 +100,8 @@ def options_of(args: argparse.Namespace) -> LoadOptions:
         health_seconds=args.health_seconds,
         stateless=not args.session_turns,
         processes=args.processes,
+        capacity_streams=tuple(args.capacity),
+        capacity_duration=args.capacity_duration,
     )
 
 
@@ -135,6 +159,23 @@ def report(doc: dict[str, Any], console: Console) -> None:
         ]
         for row in rows:
             table.add_row(*row)
+        console.print(table)
+    if doc.get("capacity"):
+        table = Table(title="Capacity: streams at the same rate, lag target per count")
+        for column in ("streams", "completed", "errors", "events/s", "lag p50 / p99 / max"):
+            table.add_column(column)
+        table.add_column("server CPU")
+        table.add_column("lag target")
+        for phase in doc["capacity"]:
+            table.add_row(
+                str(phase["streams"]),
+                str(phase["completed"]),
+                str(phase["errors"]),
+                str(phase["event_rate"]),
+                _ms(phase["lag_ms"]),
+                f"{phase['server_cpu_percent']}%",
+                "[green]met[/]" if phase["lag_target_met"] else "[red]missed[/]",
+            )
         console.print(table)
     for target in doc["targets"]:
         mark = "[green]met[/]" if target["met"] else "[red]missed[/]"

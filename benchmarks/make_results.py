@@ -343,6 +343,23 @@ def load_section() -> list[str]:
             f"| {stream['server_cpu_percent']}% | {_clients(stream['client'])} |",
             "",
         ]
+    if doc.get("capacity"):
+        lines += [
+            f"Capacity: the same streaming load at fewer streams "
+            f"({doc['options']['capacity_duration']:g} s each), where the lag target holds:",
+            "",
+            "| streams | completed | errors | events/s | lag p50 / p99 / max | server CPU "
+            "| lag target |",
+            "|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for phase in doc["capacity"]:
+            mark = "met" if phase["lag_target_met"] else "**missed**"
+            lines.append(
+                f"| {phase['streams']} | {phase['completed']} | {phase['errors']} "
+                f"| {phase['event_rate']} | {_p(phase['lag_ms'])} "
+                f"| {phase['server_cpu_percent']}% | {mark} |"
+            )
+        lines.append("")
     for target in doc.get("targets", []):
         mark = "met" if target.get("met") else "**missed**"
         lines.append(f"- {target['name']}: {target.get('value')} — {mark}")

@@ -23,20 +23,24 @@ IDLE_STREAMS = 300
 STREAMS = 100
 TOKENS_PER_SECOND = 20.0
 DURATION = 5.0
+CAPACITY_STREAMS = 10
 
 
 @pytest.mark.slow
 async def test_load_scenario_delivers_every_event_without_errors() -> None:
-    """300 idle streams held, then 100 turns at 20 tokens/s for 5 s: no error,
-    every stream complete and in order."""
+    """300 idle streams held, then 100 turns at 20 tokens/s for 5 s, then a
+    capacity phase of 10 turns for 1 s: no error, every stream complete and in
+    order."""
     options = LoadOptions(
         idle_streams=IDLE_STREAMS,
         streams=STREAMS,
         tokens_per_second=TOKENS_PER_SECOND,
         duration=DURATION,
         health_seconds=1.0,
+        capacity_streams=(CAPACITY_STREAMS,),
+        capacity_duration=1.0,
     )
-    with trio.fail_after(120):
+    with trio.fail_after(150):
         doc = await run_load(options)
     idle, stream = doc["idle"], doc["stream"]
     assert idle["error_kinds"] == {}
@@ -51,6 +55,13 @@ async def test_load_scenario_delivers_every_event_without_errors() -> None:
     # then done events and the completion; at least the deltas and a terminal.
     assert stream["events"] >= STREAMS * (words + 1)
     assert stream["lag_ms"]["p50"] is not None
+    # The capacity phase: another server, 10 streams of 20 words, judged alone.
+    [capacity] = doc["capacity"]
+    assert capacity["streams"] == capacity["completed"] == CAPACITY_STREAMS
+    assert capacity["deltas"] == capacity["deltas_expected"] == CAPACITY_STREAMS * 20
+    assert capacity["error_kinds"] == {}
+    assert isinstance(capacity["lag_target_met"], bool)
+    assert [t["name"] for t in doc["targets"]][-1].startswith(f"{STREAMS} streams")
 
 
 async def test_flush_ticker_paces_writers_only_when_the_loop_lags() -> None:
