@@ -91,6 +91,9 @@ STORE_RUNS: Final = (
 )
 #: Issue 9: load (idle streams, paced streaming turns) and the crash loop.
 LOAD_RUN: Final = ("load", "benchmarks/load.py")
+#: Issue 9: the floors under the load target (a write through trio, hypercorn and
+#: quart-trio; paced streams without HTTP).
+STREAM_FLOOR_RUN: Final = ("stream_floor", "benchmarks/stream_floor.py")
 CRASH_RUNS: Final = (
     ("crash_loop", "benchmarks/crash_loop.py --iterations 100 --seed 1"),
     ("crash_loop_none", "benchmarks/crash_loop.py --iterations 100 --seed 1 --sandbox none"),
@@ -148,7 +151,7 @@ def run_all(only: set[str] | None) -> None:
             run([*CLI, *command.split(), *out])
     if not only or "sessions" in only:
         run([*CLI, *SESSIONS_RUN.split(), "--json", str(RESULTS / "sessions.json")])
-    for name, command in (*STORE_RUNS, LOAD_RUN, *CRASH_RUNS):
+    for name, command in (*STORE_RUNS, LOAD_RUN, STREAM_FLOOR_RUN, *CRASH_RUNS):
         if not only or name in only:
             script, *rest = command.split()
             run([sys.executable, script, *rest, "--json", str(RESULTS / f"{name}.json")])
@@ -371,6 +374,79 @@ def load_section() -> list[str]:
     return [*lines, ""]
 
 
+def floor_section() -> list[str]:
+    name, command = STREAM_FLOOR_RUN
+    path = RESULTS / f"{name}.json"
+    lines = [
+        "## Stream floor: a write and a paced event, without the runtime",
+        "",
+        "```sh",
+        f"python3 {command} --json results/{name}.json",
+        "```",
+        "",
+        "No runtime code (`bench/_floor.py`): the server is the benchmark process (one trio "
+        "loop), the client a separate Python process on the same machine reading raw "
+        "sockets; server CPU is `time.process_time()` over the run. Write cost: one 167-byte "
+        "SSE frame per write through bare trio (`SocketStream.send_all`), hypercorn's trio "
+        "worker with a bare ASGI app, and hypercorn + quart-trio (an async generator, as "
+        "`server/` returns). Stream floor: paced streams over socketpairs, no HTTP; models "
+        "pace with `runtime._pace` (shared) or `trio.sleep_until` (trio), with stream "
+        "schedules spread over one period or aligned; a writer per stream sends what is "
+        "pending once per shared tick (tick 0: on every event). Lag = client read - "
+        "production; lag from due = client read - scheduled time (it includes the model's "
+        "lateness once the loop falls behind).",
+        "",
+    ]
+    if not path.exists():
+        return [*lines, "_not run_", ""]
+    doc = json.loads(path.read_text())
+    costs = doc.get("write_cost") or []
+    if costs:
+        base = {c["connections"]: c["us_per_write"] for c in costs if c["server"] == "trio"}
+        lines += [
+            "| server | connections | delivered / writes | server CPU per write | x bare trio "
+            "| client CPU |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for c in costs:
+            ratio = base.get(c["connections"])
+            lines.append(
+                f"| {c['server']} | {c['connections']} | {c['delivered']} / {c['writes']} "
+                f"| {c['us_per_write']:.1f} µs "
+                f"| {'-' if not ratio else format(c['us_per_write'] / ratio, '.1f')} "
+                f"| {c['client_cpu_percent']:.0f}% |"
+            )
+        lines.append("")
+    runs = doc.get("stream_floor") or []
+    if runs:
+        lines += [
+            "| pacer | tick | phases | streams x rate | delivered / expected | events/s "
+            "| server CPU | CPU per event | lag p50 / p99 / max | model late p99 "
+            "| lag from due p50 / p99 / max | deltas per read | client CPU |",
+            "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in runs:
+            lines.append(
+                f"| {r['pacer']} | {r['tick']:g} s | {r['phases']} "
+                f"| {r['streams']} x {r['tokens_per_second']:g}/s "
+                f"| {r['events_delivered']} / {r['events_expected']} "
+                f"| {r['events_per_second']:.0f} | {r['server_cpu_percent']:.0f}% "
+                f"| {r['us_per_event']:.1f} µs | {_p(r['lag_ms'])} "
+                f"| {ms(r['model_late_ms'].get('p99'))} | {_p(r['due_lag_ms'])} "
+                f"| {r['deltas_per_read']} | {r['client_cpu_percent']:.0f}% |"
+            )
+        lines.append("")
+    for target in doc.get("targets", []):
+        mark = "met" if target.get("met") else "**missed**"
+        lines.append(f"- {target['name']}: {ms(target.get('value'))} — {mark}")
+    start, end = (
+        " ".join(f"{x:.2f}" for x in doc.get(key) or ())
+        for key in ("load_average_start", "load_average_end")
+    )
+    lines.append(f"- load average (1, 5, 15 min) {start} -> {end}")
+    return [*lines, ""]
+
+
 def _clients(client: dict[str, Any]) -> str:
     cpu = ", ".join(f"{c:.0f}%" for c in client.get("cpu_percent", []))
     return f"{client.get('processes')} processes ({cpu} CPU)"
@@ -483,6 +559,7 @@ def render() -> None:
     lines += sessions_section()
     lines += store_section()
     lines += load_section()
+    lines += floor_section()
     lines += crash_section()
     analysis = HERE / "ANALYSIS.md"
     if analysis.exists():
