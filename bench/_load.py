@@ -371,11 +371,16 @@ def _merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
     errors: dict[str, int] = {}
     lag: dict[int, int] = {}
     late: dict[int, int] = {}
+    due: dict[int, int] = {}
     first: list[float] = []
     for report in reports:
         for message, count in report["errors"].items():
             errors[message] = errors.get(message, 0) + count
-        for hist, into in ((report["lag_hist"], lag), (report["late_hist"], late)):
+        for hist, into in (
+            (report["lag_hist"], lag),
+            (report["late_hist"], late),
+            (report["due_hist"], due),
+        ):
             for key, count in hist.items():
                 into[int(key)] = into.get(int(key), 0) + count
         first += report["first_event_ms"]
@@ -392,6 +397,7 @@ def _merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
         "first_event_ms": _summary(first),
         "lag_ms": _hist_summary(lag),
         "model_late_ms": _hist_summary(late),
+        "due_lag_ms": _hist_summary(due),
         "seconds": (max(ended) - min(started)) if started and ended else None,
     }
 
@@ -522,6 +528,7 @@ async def stream_phase(options: LoadOptions, log: Callable[[str], None]) -> dict
             else None,
             "lag_ms": merged["lag_ms"],
             "model_late_ms": merged["model_late_ms"],
+            "due_lag_ms": merged["due_lag_ms"],
             "first_event_ms": merged["first_event_ms"],
             "health_ms": _summary(health),
             "rss_before_mb": round(rss_before / 2**20, 2),
@@ -554,8 +561,8 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
         out.append(
             {
                 "name": f"{stream['streams']} streams at {stream['tokens_per_second']:g} tokens/s: "
-                "delivery lag p99 < 250 ms, 0 errors",
-                "value": stream["lag_ms"]["p99"],
+                "delivery lag p99 < 250 ms from each word's due time, 0 errors",
+                "value": stream["due_lag_ms"]["p99"],
                 "met": lag_target_met(stream),
             }
         )
@@ -564,8 +571,13 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 def lag_target_met(stream: dict[str, Any]) -> bool:
     """A streaming phase met issue 9's bar: every stream completed, no error,
-    delivery lag p99 < 250 ms."""
-    p99 = stream["lag_ms"]["p99"]
+    delivery lag p99 < 250 ms counted from each word's due time.
+
+    From the due time, not from when the model produced the word: a loop too
+    busy to run the model on schedule delivers late words promptly, and the
+    rate falls below the one asked for; only the due time sees both.
+    """
+    p99 = stream["due_lag_ms"]["p99"]
     return (
         stream["errors"] == 0
         and stream["completed"] == stream["streams"]

@@ -55,6 +55,7 @@ async def test_load_scenario_delivers_every_event_without_errors() -> None:
     # then done events and the completion; at least the deltas and a terminal.
     assert stream["events"] >= STREAMS * (words + 1)
     assert stream["lag_ms"]["p50"] is not None
+    assert stream["due_lag_ms"]["p50"] is not None
     # The capacity phase: another server, 10 streams of 20 words, judged alone.
     [capacity] = doc["capacity"]
     assert capacity["streams"] == capacity["completed"] == CAPACITY_STREAMS
