@@ -68,10 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--capacity",
         type=int,
         nargs="*",
-        default=[300, 500],
+        default=[200, 300],
         metavar="N",
         help="after the main phases, stream at these counts too, to show where the lag "
-        "target holds (default 300 500; none: skip)",
+        "target holds (default 200 300; none: skip)",
     )
     parser.add_argument(
         "--capacity-duration",
