@@ -12,8 +12,11 @@ message:
   (only for tools the request offers);
 * anything else: a short reply explaining the above.
 
-Words are paced at ``tokens_per_second`` (``None`` streams as fast as the event
-loop allows, still one checkpoint per word). Usage is words in, words out.
+Words are paced at ``tokens_per_second`` on a fixed schedule (word k due k
+intervals after the step starts, up to 1 ms late: all streams share one trio
+timer per millisecond, see ``runtime._pace``); ``None`` streams as fast as
+the event loop allows, still one checkpoint per word. Usage is words in,
+words out.
 """
 
 from __future__ import annotations
