@@ -111,7 +111,10 @@ INITIAL: Final = 1000.0
 PRICE: Final = Pricing(1_000_000.0, 2_000_000.0)  # 1 credit per input token, 2 per output
 #: Far beyond any program's fake-time span: nothing is evicted or idle-expired.
 FOREVER: Final = 1e6
-EXAMPLES: Final = 36
+#: 1,283 turns when this test runs alone; inside the full suite the same
+#: derandomized run makes fewer (965 of 1,047 at 36 examples, cause not pinned
+#: down), hence the margin over MIN_TURNS.
+EXAMPLES: Final = 44
 PHASES: Final = (Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink)
 #: What the whole run must have exercised (issue 9 asks for >= 1,000 turns).
 MIN_TURNS: Final = 1000
