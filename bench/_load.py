@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-Two phases, each against its own ``agent-runtime serve`` subprocess (temporary
+Phases, each against its own ``agent-runtime serve`` subprocess (temporary
 data dir, random key, SIGTERM at the end, SIGKILL after a grace):
 
 * **idle**: ``idle_streams`` streams are opened and held. An idle stream is a
@@ -20,14 +20,20 @@ data dir, random key, SIGTERM at the end, SIGKILL after a grace):
   measured: the model stamps each word with the server's ``CLOCK_MONOTONIC``
   when it produced it, and the client subtracts it from its own clock when it
   reads the bytes (the same system-wide clock: the client must run on the
-  server's machine, which it does: we start the server). ``/health`` is probed
-  meanwhile too.
+  server's machine, which it does: we start the server). Adding how late the
+  model produced the word gives its lag from the due time, on which the
+  target is judged. ``/health`` is probed meanwhile too.
+* **capacity** (``capacity_streams``): the stream phase again, once per
+  count, ``capacity_duration`` seconds each, each on a fresh server: where
+  below ``streams`` the lag target still holds.
 
 The server is the real ``agent-runtime serve`` with one substitution: its demo
 model is :class:`StampedModel`, which streams the requested number of words at
 the ``--demo-tokens-per-second`` rate on an absolute schedule (word k is due
 at start + k / rate, so the model's own lateness does not accumulate) and
-writes into each word its production time and how late it was. The load comes
+writes into each word its production time and how late it was. It paces
+with :func:`runtime._pace.sleep_until` (one trio timer per millisecond for
+all streams), as the demo model does. The load comes
 from worker processes (:mod:`bench._load_worker`, raw sockets, at most
 :data:`IDLE_PER_WORKER` / :data:`STREAMS_PER_WORKER` streams each), whose CPU
 use and loop lag are reported: a busy client would measure itself.
