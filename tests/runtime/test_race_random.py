@@ -111,9 +111,13 @@ INITIAL: Final = 1000.0
 PRICE: Final = Pricing(1_000_000.0, 2_000_000.0)  # 1 credit per input token, 2 per output
 #: Far beyond any program's fake-time span: nothing is evicted or idle-expired.
 FOREVER: Final = 1e6
-#: 1,283 turns when this test runs alone; inside the full suite the same
-#: derandomized run makes fewer (965 of 1,047 at 36 examples, cause not pinned
-#: down), hence the margin over MIN_TURNS.
+#: 1,283 turns when this test runs alone, 1,631 after the rest of
+#: tests/runtime; at 36 examples the full suite ran 965 (1,047 alone). The
+#: programs are the same, but a DELETE removes the workspace in a worker
+#: thread, and while it runs the autojump clock moves fake time on to the
+#: next deadline, as far as the thread's real duration lets it: how many
+#: turns a lane starts before a shutdown depends on the process around the
+#: test. Hence the margin over MIN_TURNS; the invariants hold either way.
 EXAMPLES: Final = 44
 PHASES: Final = (Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink)
 #: What the whole run must have exercised (issue 9 asks for >= 1,000 turns).
