@@ -73,7 +73,7 @@ from typing import TYPE_CHECKING, Any, Final, final
 import attrs
 import trio
 
-from ._stats import percentile
+from ._stats import p50_p99_max
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -153,17 +153,6 @@ class StreamFloor:
     deltas_per_read: float
     client_cpu_percent: float
     client_pid: int
-
-
-def summary(values: list[float]) -> dict[str, float | None]:
-    """p50 / p99 / max of ``values`` (None each if there are none), rounded."""
-    if not values:
-        return {"p50": None, "p99": None, "max": None}
-    return {
-        "p50": round(percentile(values, 50), 3),
-        "p99": round(percentile(values, 99), 3),
-        "max": round(max(values), 3),
-    }
 
 
 # -- the client process ---------------------------------------------------------------
@@ -337,9 +326,9 @@ def _pairs_client(fds: list[int], timeout: float) -> dict[str, Any]:
     return {
         "events": len(lags),
         "reads": reads,
-        "lag_ms": summary(lags),
-        "model_late_ms": summary(lates),
-        "due_lag_ms": summary(due_lags),
+        "lag_ms": p50_p99_max(lags),
+        "model_late_ms": p50_p99_max(lates),
+        "due_lag_ms": p50_p99_max(due_lags),
         "cpu_seconds": cpu,
         "wall_seconds": wall,
     }

@@ -67,7 +67,7 @@ from ._load_worker import LoadWorkerConfig, now
 from ._rawhttp import Origin
 from ._samples import machine_info
 from ._sessions import raise_fd_limit
-from ._stats import percentile
+from ._stats import p50_p99_max
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -345,16 +345,6 @@ async def probe_health(url: str, api_key: str, seconds: float, samples: list[flo
         await conn.aclose()
 
 
-def _summary(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"p50": None, "p99": None, "max": None}
-    return {
-        "p50": round(percentile(values, 50), 3),
-        "p99": round(percentile(values, 99), 3),
-        "max": round(max(values), 3),
-    }
-
-
 def _hist_summary(hist: dict[int, int]) -> dict[str, float | None]:
     """p50/p99/max (ms) of a histogram of 0.1 ms buckets."""
     total = sum(hist.values())
@@ -400,7 +390,7 @@ def _merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
         "events": sum(r["events"] for r in reports),
         "deltas": sum(r["deltas"] for r in reports),
         "reads": sum(r["reads"] for r in reports),
-        "first_event_ms": _summary(first),
+        "first_event_ms": p50_p99_max(first),
         "lag_ms": _hist_summary(lag),
         "model_late_ms": _hist_summary(late),
         "due_lag_ms": _hist_summary(due),
@@ -468,9 +458,9 @@ async def idle_phase(options: LoadOptions, log: Callable[[str], None]) -> dict[s
             "error_kinds": merged["error_kinds"],
             "open_seconds": round(open_seconds, 2),
             "first_event_ms": merged["first_event_ms"],
-            "health_ms": _summary(health),
+            "health_ms": p50_p99_max(health),
             "health_samples": len(health),
-            "health_idle_ms": _summary(health_before),
+            "health_idle_ms": p50_p99_max(health_before),
             "rss_before_mb": round(rss_before / 2**20, 2),
             "rss_held_mb": round(rss_held / 2**20, 2),
             "rss_per_stream_kb": round((rss_held - rss_before) / held / 1024, 2) if held else None,
@@ -536,7 +526,7 @@ async def stream_phase(options: LoadOptions, log: Callable[[str], None]) -> dict
             "model_late_ms": merged["model_late_ms"],
             "due_lag_ms": merged["due_lag_ms"],
             "first_event_ms": merged["first_event_ms"],
-            "health_ms": _summary(health),
+            "health_ms": p50_p99_max(health),
             "rss_before_mb": round(rss_before / 2**20, 2),
             "rss_peak_mb": round(rss_peak / 2**20, 2),
             "rss_after_mb": round(rss_after / 2**20, 2),

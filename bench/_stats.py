@@ -88,3 +88,15 @@ def summarize(values: Iterable[float]) -> Summary | None:
         max=ordered[-1],
         mean=math.fsum(ordered) / len(ordered),
     )
+
+
+def p50_p99_max(values: Sequence[float]) -> dict[str, float | None]:
+    """``{"p50", "p99", "max"}`` of ``values`` rounded to 3 decimals (None
+    each when there are none): the shape the load and floor documents use."""
+    if not values:
+        return {"p50": None, "p99": None, "max": None}
+    return {
+        "p50": round(percentile(values, 50), 3),
+        "p99": round(percentile(values, 99), 3),
+        "max": round(max(values), 3),
+    }

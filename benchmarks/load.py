@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 from rich.console import Console
@@ -28,9 +28,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._load import LoadOptions, run_load
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
+from bench._script import cancelled_on_sigterm
 
 SMOKE = {
     "idle_streams": 300,
@@ -197,28 +195,12 @@ def _client(client: dict[str, Any]) -> str:
     return f"{client['processes']}: {cpu} (loop lag p99 <= {lag} ms)"
 
 
-async def _run(options: LoadOptions, log: Callable[[str], None]) -> dict[str, Any] | None:
-    """``run_load``, cancelled (its servers and workers stopped) on SIGTERM."""
-    doc = None
-    with trio.open_signal_receiver(signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-
-            async def on_signal() -> None:
-                async for _ in signals:
-                    log("SIGTERM: stopping")
-                    nursery.cancel_scope.cancel()
-
-            nursery.start_soon(on_signal)
-            doc = await run_load(options, log)
-            nursery.cancel_scope.cancel()
-    return doc
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console(stderr=False)
     try:
-        doc = trio.run(_run, options_of(args), lambda line: console.log(line))
+        log = console.log
+        doc = trio.run(cancelled_on_sigterm, partial(run_load, options_of(args), log), log)
     except KeyboardInterrupt:
         return 130
     if doc is None:

@@ -368,11 +368,7 @@ def load_section() -> list[str]:
     for target in doc.get("targets", []):
         mark = "met" if target.get("met") else "**missed**"
         lines.append(f"- {target['name']}: {target.get('value')} — {mark}")
-    start, end = (
-        " ".join(f"{x:.2f}" for x in doc.get(key) or ())
-        for key in ("load_average_start", "load_average_end")
-    )
-    lines.append(f"- load average (1, 5, 15 min) {start} -> {end}")
+    lines.append(_load_average(doc))
     return [*lines, ""]
 
 
@@ -441,12 +437,16 @@ def floor_section() -> list[str]:
     for target in doc.get("targets", []):
         mark = "met" if target.get("met") else "**missed**"
         lines.append(f"- {target['name']}: {ms(target.get('value'))} — {mark}")
+    lines.append(_load_average(doc))
+    return [*lines, ""]
+
+
+def _load_average(doc: dict[str, Any]) -> str:
     start, end = (
         " ".join(f"{x:.2f}" for x in doc.get(key) or ())
         for key in ("load_average_start", "load_average_end")
     )
-    lines.append(f"- load average (1, 5, 15 min) {start} -> {end}")
-    return [*lines, ""]
+    return f"- load average (1, 5, 15 min) {start} -> {end}"
 
 
 def _clients(client: dict[str, Any]) -> str:

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._floor import PACERS, PHASES, SERVERS, FloorOptions, run_floor
+from bench._script import cancelled_on_sigterm
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -204,28 +205,12 @@ def complete(doc: dict[str, Any]) -> bool:
     ) and all(r["events_delivered"] == r["events_expected"] for r in doc["stream_floor"])
 
 
-async def _run(options: FloorOptions, log: Callable[[str], None]) -> dict[str, Any] | None:
-    """``run_floor``, cancelled (its client processes killed) on SIGTERM."""
-    doc = None
-    with trio.open_signal_receiver(signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-
-            async def on_signal() -> None:
-                async for _ in signals:
-                    log("SIGTERM: stopping")
-                    nursery.cancel_scope.cancel()
-
-            nursery.start_soon(on_signal)
-            doc = await run_floor(options, log)
-            nursery.cancel_scope.cancel()
-    return doc
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console(stderr=False, width=None if sys.stdout.isatty() else 120)
     try:
-        doc = trio.run(_run, options_of(args), lambda line: console.log(line))
+        log = console.log
+        doc = trio.run(cancelled_on_sigterm, partial(run_floor, options_of(args), log), log)
     except KeyboardInterrupt:
         return 130
     if doc is None:
